@@ -1,0 +1,132 @@
+"""OpenAI's error envelope, and the one place every failure is turned into it.
+
+`{"error": {"message", "type", "param", "code"}}` with the status OpenAI uses, so the official
+SDKs raise their usual exception classes (BadRequestError, NotFoundError, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from loguru import logger
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vllm_obtain.api.protocol import ErrorBody, ErrorResponse
+from vllm_obtain.core.manager import UnknownModelError
+from vllm_obtain.core.prompts import PromptError
+from vllm_obtain.core.templates import ChatTemplateError
+from vllm_obtain.engines.base import EngineError
+
+
+class OpenAIError(Exception):
+    """An error with the HTTP status and OpenAI `type` it is reported as."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+    def envelope(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorBody(
+                message=self.message, type=self.error_type, param=self.param, code=self.code
+            )
+        )
+
+
+class InvalidRequestError(OpenAIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class NotFoundError(OpenAIError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+def error_response(error: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        error.envelope().model_dump(mode="json"), status_code=error.status_code, headers=headers
+    )
+
+
+def param_from_location(loc: Sequence[int | str]) -> str | None:
+    """pydantic's error location as OpenAI spells a param: ("body", "messages", 0, "role")
+    -> "messages.[0].role"."""
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequestError:
+    first: dict[str, Any] = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return InvalidRequestError(
+            "We could not parse the JSON body of your request. The body must be valid JSON.",
+            code="invalid_json",
+        )
+    # FastAPI nests union members and tagged types into the location: drop those labels.
+    loc = [p for p in first.get("loc", ()) if not _is_type_label(p)]
+    param = param_from_location(loc)
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {message}."
+    return InvalidRequestError(message, param=param, code="invalid_value")
+
+
+def _is_type_label(part: int | str) -> bool:
+    # e.g. "str", "list[str]", "function-after[...]", "text" tag names pydantic inserts
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def as_openai_error(exc: Exception) -> OpenAIError:
+    """Map a domain exception to the error the client sees."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, UnknownModelError):
+        return NotFoundError(str(exc), param="model", code="model_not_found")
+    if isinstance(exc, PromptError):
+        return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, ChatTemplateError):
+        return InvalidRequestError(str(exc), param="messages", code="invalid_messages")
+    if isinstance(exc, EngineError):
+        return OpenAIError(f"The engine failed to generate: {exc}", code="engine_error")
+    return OpenAIError("The server had an error while processing your request.")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_domain_error(request: Request, exc: Exception) -> JSONResponse:
+        error = as_openai_error(exc)
+        if error.status_code >= 500:
+            logger.opt(exception=exc).error("request failed: {}", exc)
+        return error_response(error)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        kind = NotFoundError if exc.status_code == 404 else InvalidRequestError
+        error = kind(str(exc.detail))
+        error.status_code = exc.status_code
+        return error_response(error, headers=dict(exc.headers or {}))
+
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    for exc_type in (
+        OpenAIError,
+        UnknownModelError,
+        PromptError,
+        ChatTemplateError,
+        EngineError,
+        Exception,
+    ):
+        app.add_exception_handler(exc_type, on_domain_error)

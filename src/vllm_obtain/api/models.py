@@ -1,0 +1,26 @@
+"""GET /v1/models and GET /v1/models/{id}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from vllm_obtain.api.dependencies import registry_of
+from vllm_obtain.api.protocol import ModelCard, ModelList
+from vllm_obtain.core.manager import ServedModel
+
+router = APIRouter(tags=["models"])
+
+
+def _card(model: ServedModel) -> ModelCard:
+    return ModelCard(id=model.id, created=model.created, owned_by=model.owned_by)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(m) for m in registry_of(request).loaded()])
+
+
+# `:path` because model ids may contain slashes (Hugging Face repo names).
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return _card(registry_of(request).get(model_id))

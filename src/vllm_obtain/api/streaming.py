@@ -1,0 +1,95 @@
+"""Shaping a stream of ChoiceDelta into an answer: collected into one JSON body, or SSE-framed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi.responses import StreamingResponse
+from loguru import logger
+from pydantic import BaseModel
+
+from vllm_obtain.api.errors import as_openai_error
+from vllm_obtain.api.protocol import Usage
+from vllm_obtain.core.requests import ChoiceDelta, FinishReason
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every object of one response shares: the same id and timestamp on each chunk."""
+
+    id: str
+    model: str
+    prompt_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def new(cls, prefix: str, model: str, prompt_tokens: int) -> ResponseMeta:
+        return cls(id=f"{prefix}-{uuid.uuid4().hex}", model=model, prompt_tokens=prompt_tokens)
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=self.prompt_tokens + completion_tokens,
+        )
+
+
+@dataclass
+class CollectedChoice:
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+
+
+async def collect_choices(deltas: AsyncIterator[ChoiceDelta], count: int) -> list[CollectedChoice]:
+    """Run the stream to its end and gather each choice's whole text."""
+    choices = [CollectedChoice() for _ in range(count)]
+    async for delta in deltas:
+        choice = choices[delta.index]
+        choice.text += delta.text
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+            choice.completion_tokens = delta.completion_tokens
+    return choices
+
+
+async def primed(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    """Wait for the first delta before answering, so a failure before any token is a plain
+    error response with its status code instead of an error inside a 200 stream."""
+    first = await anext(deltas)
+
+    async def chained() -> AsyncIterator[ChoiceDelta]:
+        try:
+            yield first
+            async for delta in deltas:
+                yield delta
+        finally:
+            await deltas.aclose()  # type: ignore[attr-defined]
+
+    return chained()
+
+
+async def sse_frames(objects: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """`data: {json}` per object, then `data: [DONE]`; a failure mid-stream becomes an error
+    event (the OpenAI SDKs raise it as APIError) rather than a silently truncated answer."""
+    try:
+        async for obj in objects:
+            yield f"data: {obj.model_dump_json()}\n\n"
+    except Exception as exc:
+        error = as_openai_error(exc)
+        logger.opt(exception=exc).error("stream failed: {}", exc)
+        yield f"data: {error.envelope().model_dump_json()}\n\n"
+    finally:
+        await objects.aclose()  # type: ignore[attr-defined]
+    yield "data: [DONE]\n\n"
+
+
+def sse_response(objects: AsyncIterator[BaseModel]) -> StreamingResponse:
+    return StreamingResponse(
+        sse_frames(objects), media_type="text/event-stream", headers=SSE_HEADERS
+    )

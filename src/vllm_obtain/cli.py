@@ -1,0 +1,149 @@
+"""The `vllm-obtain` command: serve, selftest, models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from vllm_obtain import __version__
+from vllm_obtain.settings import Settings
+
+# CLI flag -> Settings field; a flag left out leaves env vars and .env files in charge.
+SERVE_FLAGS: dict[str, dict[str, Any]] = {
+    "--host": {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 for all)"},
+    "--port": {"type": int, "help": "port (default 8001)"},
+    "--engine": {"choices": ["auto", "llama.cpp"], "help": "inference engine (default auto)"},
+    "--served-model-name": {"help": "model id clients use (default: the alias or file name)"},
+    "--ctx-size": {"type": int, "help": "context length in tokens (default: the model's own)"},
+    "--threads": {"type": int, "help": "CPU threads (default: all cores)"},
+    "--batch-size": {"type": int, "help": "prompt tokens per evaluation step (default 512)"},
+    "--gpu-layers": {"type": int, "help": "layers offloaded to a GPU if present (-1: all)"},
+    "--chat-template": {"help": "Jinja chat template file to use instead of the model's"},
+    "--mode": {"choices": ["dev", "prod"], "help": "prod: JSON logs; dev: readable logs, reload"},
+    "--log-level": {"help": "DEBUG, INFO, WARNING... (default DEBUG in dev, INFO in prod)"},
+    "--models-dir": {"help": "where local models live (default models/)"},
+    "--cache-dir": {"help": "downloads and converted weights (default cache/)"},
+    "--logs-dir": {"help": "rotating log files (default logs/)"},
+}
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag in SERVE_FLAGS
+    }
+    overrides["model"] = args.model
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vllm_obtain.logs import configure_logging
+
+    settings = settings_from(args)
+    configure_logging(
+        level=settings.effective_log_level,
+        json_lines=settings.mode == "prod",
+        logs_dir=settings.logs_dir,
+    )
+    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_config": None}
+    if settings.mode == "dev":
+        # The reloader re-imports the app in a child process: hand it the settings as env vars.
+        for key, value in settings.model_dump(exclude_unset=True).items():
+            os.environ[f"OBTAIN_{key.upper()}"] = str(value)
+        src = os.path.dirname(os.path.dirname(__file__))
+        uvicorn.run(
+            "vllm_obtain.api.app:create_app_from_env",
+            factory=True,
+            reload=True,
+            reload_dirs=[src],
+            **common,
+        )
+        return 0
+    from vllm_obtain.api.app import create_app
+
+    uvicorn.run(create_app(settings), **common)
+    return 0
+
+
+def selftest(args: argparse.Namespace) -> int:
+    """Load the model and generate a few tokens: proves the engine runs on this machine."""
+    from vllm_obtain.core.generation import stream_choice
+    from vllm_obtain.core.requests import GenerationRequest, SamplingParams
+    from vllm_obtain.serving import build_registry
+
+    async def run() -> int:
+        registry = build_registry(settings_from(args))
+        await registry.load_all()
+        try:
+            model = registry.loaded()[0]
+            tokens = await model.chat_prompt_tokens([{"role": "user", "content": args.prompt}])
+            request = GenerationRequest(
+                "selftest", tuple(tokens), args.max_tokens, SamplingParams(temperature=0.0)
+            )
+            started, text, produced = time.perf_counter(), "", 0
+            async for delta in stream_choice(model.engine, request, index=0, stops=()):
+                text, produced = text + delta.text, delta.completion_tokens
+            elapsed = time.perf_counter() - started
+            print(f"{model.id} on {model.engine.name}: {produced} tokens in {elapsed:.2f}s")
+            print(f"> {args.prompt}\n{text.strip()}")
+            return 0 if produced > 0 else 1
+        finally:
+            await registry.unload_all()
+
+    return asyncio.run(run())
+
+
+def list_models(args: argparse.Namespace) -> int:
+    from vllm_obtain.catalog import aliases
+
+    for alias, description in aliases().items():
+        print(f"{alias:28} {description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-obtain", description="A private, OpenAI-compatible LLM endpoint."
+    )
+    parser.add_argument("--version", action="version", version=f"vllm-obtain {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser("serve", help="serve a model over the OpenAI API")
+    selftest_cmd = commands.add_parser("selftest", help="load a model and generate a few tokens")
+    for cmd in (serve_cmd, selftest_cmd):
+        cmd.add_argument("model", nargs="?", help="alias, .gguf path or models/ name")
+        for flag, options in SERVE_FLAGS.items():
+            cmd.add_argument(flag, **options)
+    serve_cmd.set_defaults(func=serve)
+    selftest_cmd.add_argument("--prompt", default="What is the capital of France?")
+    selftest_cmd.add_argument("--max-tokens", type=int, default=16)
+    selftest_cmd.set_defaults(func=selftest)
+
+    commands.add_parser("models", help="list model aliases").set_defaults(func=list_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vllm_obtain.catalog import ModelResolutionError
+    from vllm_obtain.engines.base import EngineNotInstalledError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ModelResolutionError, EngineNotInstalledError) as exc:
+        print(f"vllm-obtain: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""From an engine's token stream to client text, for one or many choices.
+
+One async generator per request: the same stream of ChoiceDelta feeds the collected JSON answer
+and the SSE answer, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+
+from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest
+from vllm_obtain.core.textstream import TextStream
+from vllm_obtain.engines.base import Engine
+
+
+async def stream_choice(
+    engine: Engine, request: GenerationRequest, *, index: int, stops: Sequence[str]
+) -> AsyncIterator[ChoiceDelta]:
+    """Generate one choice; stop strings cut the text and end the generation early."""
+    text = TextStream(stops)
+    produced = 0
+    tokens = engine.generate(request)
+    try:
+        async for chunk in tokens:
+            produced += len(chunk.token_ids)
+            delta = text.feed(chunk.piece)
+            if text.stopped:
+                yield ChoiceDelta(index, delta, "stop", produced)
+                return
+            if chunk.finish_reason is not None:
+                yield ChoiceDelta(index, delta + text.finish(), chunk.finish_reason, produced)
+                return
+            if delta:
+                yield ChoiceDelta(index, delta, None, produced)
+    finally:
+        # Closing the engine's stream is what cancels the generation (stop string, client gone).
+        await tokens.aclose()  # type: ignore[attr-defined]
+
+
+def seeded_for_choice(request: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice i of a seeded request uses seed + i: distinct choices, reproducible as a set."""
+    seed = request.sampling.seed
+    if seed is None or index == 0:
+        return replace(request, request_id=f"{request.request_id}-{index}")
+    return replace(
+        request,
+        request_id=f"{request.request_id}-{index}",
+        sampling=replace(request.sampling, seed=seed + index),
+    )
+
+
+async def merge_streams(
+    streams: Sequence[AsyncIterator[ChoiceDelta]],
+) -> AsyncIterator[ChoiceDelta]:
+    """Interleave several choice streams as their items arrive; cancel them all on exit."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            received = await queue.get()
+            if received is None:
+                remaining -= 1
+            elif isinstance(received, BaseException):
+                raise received
+            else:
+                yield received
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def generate_choices(
+    engine: Engine,
+    requests: Sequence[tuple[int, GenerationRequest]],
+    stops: Sequence[str],
+) -> AsyncIterator[ChoiceDelta]:
+    """All choices of one API request, each (index, request), merged into one stream."""
+    return merge_streams(
+        [stream_choice(engine, request, index=index, stops=stops) for index, request in requests]
+    )

@@ -1,0 +1,51 @@
+"""The one contract every engine meets.
+
+Everything crossing it is plain data (core.requests), so an engine can later live in a worker
+process without either side changing. Engines know nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
+
+from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving a request; the request gets a 500, the server lives on."""
+
+
+class EngineNotInstalledError(RuntimeError):
+    """The engine's package is missing; the message says how to install it."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model that turns prompts into token streams."""
+
+    name: str
+
+    async def load(self) -> ModelInfo:
+        """Load the model; return what the API layer needs to know about it."""
+        ...
+
+    async def unload(self) -> None:
+        """Stop generating and free the model."""
+        ...
+
+    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        """Token ids of `text`; `add_special` adds the BOS token where the model wants one."""
+        ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        """Stream the new tokens; the last chunk has a finish_reason.
+
+        Closing the iterator early (client gone, stop string hit) cancels the generation.
+        Failures raise EngineError.
+        """
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Counters for health and metrics: at least `running` and `waiting`."""
+        ...

@@ -1,0 +1,62 @@
+"""Logging through loguru: readable lines in dev, compact JSON lines in prod, a rotating file
+in logs/. uvicorn and other libraries log through the standard `logging` module; one
+intercepting handler sends their records to the same sinks."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+
+class InterceptHandler(logging.Handler):
+    """Forward standard-library log records to loguru (the recipe from loguru's docs)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        frame, depth = inspect.currentframe(), 0
+        while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
+            frame, depth = frame.f_back, depth + 1
+        logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
+
+
+def _json_line(record: Any) -> str:
+    """One flat JSON object per line: what log shippers (Loki, ELK, CloudWatch) index."""
+    entry = {
+        "time": record["time"].isoformat(),
+        "level": record["level"].name,
+        "message": record["message"],
+        "logger": record["name"],
+        **record["extra"],
+    }
+    if record["exception"] is not None:
+        entry["exception"] = repr(record["exception"].value)
+    record["extra"]["_json"] = json.dumps(entry, default=str)
+    return "{extra[_json]}\n"
+
+
+def configure_logging(*, level: str, json_lines: bool, logs_dir: Path | None) -> None:
+    logger.remove()
+    fmt: Any = _json_line if json_lines else None
+    options: dict[str, Any] = {"level": level, "backtrace": False, "diagnose": False}
+    if fmt is not None:
+        options["format"] = fmt
+    logger.add(sys.stderr, **options)
+    if logs_dir is not None:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        logger.add(
+            logs_dir / "vllm-obtain.log", rotation="50 MB", retention=5, enqueue=True, **options
+        )
+    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"):
+        named = logging.getLogger(name)
+        named.handlers = [InterceptHandler()]
+        named.propagate = False

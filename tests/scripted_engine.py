@@ -1,0 +1,80 @@
+"""A deterministic stand-in engine for API-layer tests. It is not a model: it replies with a
+scripted text, one token per character, so tests can pin framing, errors and cancellation
+exactly. Everything a user would see from a model is tested on the real engine in integration/."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
+from vllm_obtain.engines.base import EngineError
+
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+class ScriptedEngine:
+    name = "scripted"
+
+    def __init__(
+        self,
+        reply: str = "Hello there, world!",
+        *,
+        fail_after: int | None = None,
+        endless: bool = False,
+        context_length: int = 256,
+    ) -> None:
+        self.reply = reply
+        self.fail_after = fail_after  # raise EngineError after this many tokens
+        self.endless = endless  # never finish, not even at max_tokens: only cancellation ends it
+        self.context_length = context_length
+        self.running = 0
+        self.cancelled = 0
+        self.requests: list[GenerationRequest] = []
+
+    async def load(self) -> ModelInfo:
+        return ModelInfo(
+            context_length=self.context_length,
+            vocab_size=0x110000,
+            chat_template=TEMPLATE,
+            bos_token="<s>",
+            eos_token="</s>",
+        )
+
+    async def unload(self) -> None:
+        return None
+
+    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        return [ord(c) for c in text]
+
+    def stats(self) -> dict[str, int]:
+        return {"running": self.running, "waiting": 0}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        self.requests.append(request)
+        self.running += 1
+        finished = False
+        try:
+            produced = 0
+            while True:
+                await asyncio.sleep(0.001 if self.endless else 0)
+                if self.fail_after is not None and produced >= self.fail_after:
+                    raise EngineError("scripted failure")
+                if not self.endless and produced >= len(self.reply):
+                    finished = True
+                    yield TokenChunk((0,), b"", "stop")
+                    return
+                char = self.reply[produced % len(self.reply)]
+                produced += 1
+                reason = "length" if produced >= request.max_tokens and not self.endless else None
+                finished = reason is not None
+                yield TokenChunk((ord(char),), char.encode(), reason)
+                if finished:
+                    return
+        finally:
+            self.running -= 1
+            if not finished:
+                self.cancelled += 1

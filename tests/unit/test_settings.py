@@ -1,0 +1,31 @@
+from vllm_obtain.settings import Settings, platform_env_file
+
+
+def test_platform_config_file_names():
+    assert platform_env_file("Darwin") == ".env.mac"
+    assert platform_env_file("Linux") == ".env.linux"
+    assert platform_env_file("Windows") == ".env.windows"
+
+
+def test_defaults_match_the_documented_ones(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no .env file here
+    settings = Settings()
+    assert settings.port == 8001
+    assert settings.model is None
+    assert settings.engine == "auto"
+
+
+def test_env_vars_with_prefix_override_the_platform_file(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / platform_env_file()).write_text("OBTAIN_PORT=9000\nOBTAIN_CTX_SIZE=2048\n")
+    assert Settings().port == 9000
+    monkeypatch.setenv("OBTAIN_PORT", "9100")
+    settings = Settings()
+    assert settings.port == 9100
+    assert settings.ctx_size == 2048
+
+
+def test_log_level_follows_the_mode():
+    assert Settings(mode="dev").effective_log_level == "DEBUG"
+    assert Settings(mode="prod").effective_log_level == "INFO"
+    assert Settings(mode="prod", log_level="warning").effective_log_level == "WARNING"
