@@ -44,14 +44,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from vllm_obtain.logs import configure_logging
+    from vllm_obtain.logs import configure_logging_for
 
     settings = settings_from(args)
-    configure_logging(
-        level=settings.effective_log_level,
-        json_lines=settings.mode == "prod",
-        logs_dir=settings.logs_dir,
-    )
+    configure_logging_for(settings)
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_config": None}
     if settings.mode == "dev":
         # The reloader re-imports the app in a child process: hand it the settings as env vars.

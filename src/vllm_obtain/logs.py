@@ -9,9 +9,12 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    from vllm_obtain.settings import Settings
 
 
 class InterceptHandler(logging.Handler):
@@ -60,3 +63,12 @@ def configure_logging(*, level: str, json_lines: bool, logs_dir: Path | None) ->
         named = logging.getLogger(name)
         named.handlers = [InterceptHandler()]
         named.propagate = False
+
+
+def configure_logging_for(settings: Settings) -> None:
+    """Logging as the settings ask: JSON lines in prod mode, readable lines in dev."""
+    configure_logging(
+        level=settings.effective_log_level,
+        json_lines=settings.mode == "prod",
+        logs_dir=settings.logs_dir,
+    )

@@ -12,6 +12,7 @@ from vllm_obtain.api import chat, completions, health, models
 from vllm_obtain.api.errors import install_error_handlers
 from vllm_obtain.api.middleware import RequestIdMiddleware
 from vllm_obtain.core.manager import ModelRegistry
+from vllm_obtain.logs import configure_logging_for
 from vllm_obtain.serving import build_registry
 from vllm_obtain.settings import Settings
 
@@ -39,5 +40,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
 
 
 def create_app_from_env() -> FastAPI:
-    """Factory for uvicorn's reloader (dev mode), which imports the app by name."""
-    return create_app(Settings())
+    """Factory for uvicorn's reloader (dev mode): it imports the app by name in a child process,
+    which needs its logging set up again."""
+    settings = Settings()
+    configure_logging_for(settings)
+    return create_app(settings)
