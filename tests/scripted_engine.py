@@ -18,6 +18,7 @@ TEMPLATE = (
 
 class ScriptedEngine:
     name = "scripted"
+    supported_params = frozenset({"temperature", "top_p", "seed"})
 
     def __init__(
         self,

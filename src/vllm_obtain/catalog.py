@@ -1,4 +1,4 @@
-"""Model names to files: catalogue aliases, local paths, the models/ directory, the Hub."""
+"""Model names to weights, per engine: catalogue aliases, local paths, models/, the Hub."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+ModelFormat = Literal["gguf", "hf", "alias"]
 
 
 class ModelResolutionError(LookupError):
@@ -19,7 +21,7 @@ class ModelResolutionError(LookupError):
 @dataclass(frozen=True)
 class ResolvedModel:
     id: str  # what clients send as `model`
-    path: Path
+    path: Path  # a .gguf file (llama.cpp) or a Hugging Face-format directory (vLLM, MLX)
 
 
 @lru_cache(maxsize=1)
@@ -34,46 +36,85 @@ def aliases() -> dict[str, str]:
     return {name: entry.get("description", "") for name, entry in load_catalog()["models"].items()}
 
 
-def resolve_model(
-    name: str | None, *, engine: str, models_dir: Path, cache_dir: Path
-) -> ResolvedModel:
-    """Find the weights `name` refers to for `engine`, downloading them once if need be."""
-    catalog = load_catalog()
-    name = name or catalog["default"]
-    path = Path(name).expanduser()
-    if path.is_file():
-        return ResolvedModel(id=path.stem.lower(), path=path.resolve())
-    entry = catalog["models"].get(name)
-    if entry is not None:
-        source = entry.get(engine)
-        if source is None:
-            raise ModelResolutionError(f"'{name}' has no {engine} build in the catalogue")
-        return ResolvedModel(
-            id=name, path=_fetch(source, models_dir=models_dir, cache_dir=cache_dir)
-        )
-    for candidate in (models_dir / name, models_dir / f"{name}.gguf"):
-        if candidate.is_file():
-            return ResolvedModel(id=Path(name).stem.lower(), path=candidate.resolve())
-    known = ", ".join(sorted(catalog["models"]))
-    raise ModelResolutionError(
+def _local_path(name: str, models_dir: Path) -> Path | None:
+    for candidate in (Path(name).expanduser(), models_dir / name, models_dir / f"{name}.gguf"):
+        if candidate.is_file() or (candidate / "config.json").is_file():
+            return candidate.resolve()
+    return None
+
+
+def model_format(name: str | None, models_dir: Path) -> ModelFormat:
+    """What kind of weights a name points at: it decides which engines can serve it."""
+    name = name or load_catalog()["default"]
+    if name in load_catalog()["models"]:
+        return "alias"
+    local = _local_path(name, models_dir)
+    if local is None:
+        raise _unknown_model(name, models_dir)
+    return "hf" if local.is_dir() else "gguf"
+
+
+def _unknown_model(name: str, models_dir: Path) -> ModelResolutionError:
+    known = ", ".join(sorted(load_catalog()["models"]))
+    return ModelResolutionError(
         f"unknown model '{name}': not a file, not in {models_dir}/, not an alias ({known})"
     )
 
 
-def _fetch(source: dict[str, str], *, models_dir: Path, cache_dir: Path) -> Path:
+def resolve_model(
+    name: str | None, *, engine: str, models_dir: Path, cache_dir: Path
+) -> ResolvedModel:
+    """The weights `name` refers to, in the format `engine` reads, fetched or made once."""
+    name = name or load_catalog()["default"]
+    entry = load_catalog()["models"].get(name)
+    if entry is not None:
+        return ResolvedModel(
+            id=name, path=_from_catalog(name, entry, engine, models_dir, cache_dir)
+        )
+    local = _local_path(name, models_dir)
+    if local is None:
+        raise _unknown_model(name, models_dir)
+    model_id = local.stem.lower() if local.is_file() else local.name.lower()
+    if engine == "llama.cpp" and local.is_dir():
+        raise ModelResolutionError(
+            f"llama.cpp needs a GGUF file and '{name}' is a Hugging Face directory: "
+            "serve it with --engine vllm or --engine mlx"
+        )
+    if engine != "llama.cpp" and local.is_file():
+        from vllm_obtain.convert import gguf_to_hf
+
+        local = gguf_to_hf(local, cache_dir)
+    return ResolvedModel(id=model_id, path=local)
+
+
+def _from_catalog(
+    alias: str, entry: dict[str, Any], engine: str, models_dir: Path, cache_dir: Path
+) -> Path:
+    source = entry.get(engine)
+    if source is None:
+        raise ModelResolutionError(f"'{alias}' has no {engine} source in the catalogue")
+    if "convert" in source:
+        from vllm_obtain.convert import gguf_to_hf
+
+        gguf = _from_catalog(alias, entry, source["convert"], models_dir, cache_dir)
+        return gguf_to_hf(gguf, cache_dir)
     if "package" in source:
         return packaged_file(source["package"], source["file"])
-    local = models_dir / source["file"]
-    if local.is_file():
-        return local.resolve()
-    from huggingface_hub import hf_hub_download
+    hub_cache = cache_dir / "huggingface"
+    if "file" in source:
+        local = models_dir / source["file"]
+        if local.is_file():
+            return local.resolve()
+        from huggingface_hub import hf_hub_download
 
-    # Real download on first use; later runs (and offline machines) are served from the cache.
-    return Path(
-        hf_hub_download(
-            repo_id=source["repo"], filename=source["file"], cache_dir=cache_dir / "huggingface"
-        )
-    )
+        # Real download on first use; later runs (and offline machines) use the cache.
+        return Path(hf_hub_download(source["repo"], source["file"], cache_dir=hub_cache))
+    local = models_dir / source["repo"].split("/")[-1]
+    if (local / "config.json").is_file():
+        return local.resolve()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source["repo"], cache_dir=hub_cache))
 
 
 def packaged_file(package: str, filename: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import time
@@ -17,13 +18,18 @@ from vllm_obtain.settings import Settings
 SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "--host": {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 for all)"},
     "--port": {"type": int, "help": "port (default 8001)"},
-    "--engine": {"choices": ["auto", "llama.cpp"], "help": "inference engine (default auto)"},
+    "--engine": {
+        "choices": ["auto", "llama.cpp", "vllm", "mlx"],
+        "help": "inference engine (default auto: chosen from the hardware and the model)",
+    },
     "--served-model-name": {"help": "model id clients use (default: the alias or file name)"},
     "--ctx-size": {"type": int, "help": "context length in tokens (default: the model's own)"},
     "--threads": {"type": int, "help": "CPU threads (default: all cores)"},
     "--batch-size": {"type": int, "help": "prompt tokens per evaluation step (default 512)"},
     "--gpu-layers": {"type": int, "help": "layers offloaded to a GPU if present (-1: all)"},
     "--chat-template": {"help": "Jinja chat template file to use instead of the model's"},
+    "--kv-cache-gib": {"type": int, "help": "vLLM on CPU: KV cache size in whole GiB"},
+    "--max-batch": {"type": int, "help": "MLX: sequences decoded together (default 32)"},
     "--mode": {"choices": ["dev", "prod"], "help": "prod: JSON logs; dev: readable logs, reload"},
     "--log-level": {"help": "DEBUG, INFO, WARNING... (default DEBUG in dev, INFO in prod)"},
     "--models-dir": {"help": "where local models live (default models/)"},
@@ -38,7 +44,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
         for flag in SERVE_FLAGS
     }
     overrides["model"] = args.model
+    if args.vllm_arg:
+        overrides["vllm_args"] = dict(parse_engine_arg(a) for a in args.vllm_arg)
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_engine_arg(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value), the value read as JSON when it is JSON (2, true, "auto")."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip().replace("-", "_"), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), raw
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -96,6 +115,35 @@ def selftest(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def doctor(args: argparse.Namespace) -> int:
+    """What this machine has, and which engine would serve which model, and why."""
+    from vllm_obtain.catalog import aliases, model_format
+    from vllm_obtain.engines.base import EngineNotInstalledError
+    from vllm_obtain.platform import ENGINES, choose_engine, detect_platform
+
+    settings = settings_from(args)
+    info = detect_platform()
+    memory = f"{info.memory_gib:.1f} GiB" if info.memory_gib else "unknown"
+    print(f"system      {info.system} {info.machine}, {info.cpu_count} CPUs, {memory} memory")
+    print(f"cpu         {' '.join(info.cpu_features) or '-'}")
+    print(f"apple       {'Apple Silicon' if info.apple_silicon else 'no'}")
+    gpus = ", ".join(f"{g.vendor} {g.name}" for g in info.gpus)
+    print(f"gpus        {gpus or 'none (no nvidia-smi / ROCm device)'}")
+    for engine in ENGINES:
+        print(f"engine      {engine:10} {'installed' if engine in info.installed_engines else '-'}")
+    names = [settings.model] if settings.model else list(aliases())
+    print()
+    for name in names:
+        try:
+            engine, why = choose_engine(
+                info, model_format(name, settings.models_dir), settings.engine
+            )
+            print(f"{name:28} -> {engine:10} {why}")
+        except (LookupError, EngineNotInstalledError) as exc:
+            print(f"{name:28} -> cannot serve: {exc}")
+    return 0
+
+
 def list_models(args: argparse.Namespace) -> int:
     from vllm_obtain.catalog import aliases
 
@@ -113,10 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="serve a model over the OpenAI API")
     selftest_cmd = commands.add_parser("selftest", help="load a model and generate a few tokens")
-    for cmd in (serve_cmd, selftest_cmd):
-        cmd.add_argument("model", nargs="?", help="alias, .gguf path or models/ name")
+    doctor_cmd = commands.add_parser("doctor", help="what was detected, which engine serves what")
+    for cmd in (serve_cmd, selftest_cmd, doctor_cmd):
+        cmd.add_argument("model", nargs="?", help="alias, .gguf path, HF directory or models/ name")
         for flag, options in SERVE_FLAGS.items():
             cmd.add_argument(flag, **options)
+        cmd.add_argument(
+            "--vllm-arg",
+            action="append",
+            metavar="KEY=VALUE",
+            help="vLLM engine argument, repeatable (tensor_parallel_size=2, dtype=bfloat16 ...)",
+        )
+    doctor_cmd.set_defaults(func=doctor)
     serve_cmd.set_defaults(func=serve)
     selftest_cmd.add_argument("--prompt", default="What is the capital of France?")
     selftest_cmd.add_argument("--max-tokens", type=int, default=16)

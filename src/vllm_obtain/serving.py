@@ -1,21 +1,19 @@
-"""From settings to served models: resolve the model, pick and build its engine."""
+"""From settings to served models: pick the engine for the model on this machine, resolve the
+weights in the format that engine reads, build it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_obtain.catalog import resolve_model
+from vllm_obtain.catalog import model_format, resolve_model
 from vllm_obtain.core.manager import ModelRegistry, ServedModel
 from vllm_obtain.engines.base import Engine
+from vllm_obtain.platform import PlatformInfo, choose_engine, detect_platform
 from vllm_obtain.settings import Settings
 
 
-def choose_engine(requested: str) -> str:
-    """The engine to serve with. llama.cpp is the only one so far, and the fallback everywhere."""
-    return "llama.cpp" if requested == "auto" else requested
-
-
 def create_engine(name: str, model_path: Path, settings: Settings) -> Engine:
+    """The engine `name` for the weights at `model_path` (imports only that engine)."""
     if name == "llama.cpp":
         from vllm_obtain.engines.llama_cpp import LlamaCppEngine
 
@@ -25,8 +23,20 @@ def create_engine(name: str, model_path: Path, settings: Settings) -> Engine:
             threads=settings.threads,
             batch_size=settings.batch_size,
             gpu_layers=settings.gpu_layers,
-            chat_template=_read_template(settings.chat_template),
         )
+    if name == "vllm":
+        from vllm_obtain.engines.vllm import VllmEngine
+
+        return VllmEngine(
+            model_path,
+            context_length=settings.ctx_size,
+            engine_args=settings.vllm_args,
+            cpu_kv_cache_gib=settings.kv_cache_gib,
+        )
+    if name == "mlx":
+        from vllm_obtain.engines.mlx import MlxEngine
+
+        return MlxEngine(model_path, context_length=settings.ctx_size, max_batch=settings.max_batch)
     raise ValueError(f"unknown engine {name!r}")
 
 
@@ -37,16 +47,17 @@ def _read_template(value: str | None) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else value
 
 
-def build_registry(settings: Settings) -> ModelRegistry:
-    engine = choose_engine(settings.engine)
+def build_registry(settings: Settings, info: PlatformInfo | None = None) -> ModelRegistry:
+    info = info or detect_platform()
+    engine, _ = choose_engine(
+        info, model_format(settings.model, settings.models_dir), settings.engine
+    )
     resolved = resolve_model(
-        settings.model,
-        engine=engine,
-        models_dir=settings.models_dir,
-        cache_dir=settings.cache_dir,
+        settings.model, engine=engine, models_dir=settings.models_dir, cache_dir=settings.cache_dir
     )
     served = ServedModel(
         id=settings.served_model_name or resolved.id,
         engine=create_engine(engine, resolved.path, settings),
+        chat_template=_read_template(settings.chat_template),
     )
     return ModelRegistry([served])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,7 +28,7 @@ class Settings(BaseSettings):
         None, description="alias, .gguf path or models/ name; unset: embedded"
     )
     served_model_name: str | None = Field(None, description="id clients use; default: the alias")
-    engine: Literal["auto", "llama.cpp"] = "auto"
+    engine: Literal["auto", "llama.cpp", "vllm", "mlx"] = "auto"
     host: str = "127.0.0.1"
     port: int = 8001
     mode: Literal["dev", "prod"] = "prod"
@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     batch_size: int = Field(512, ge=1, description="prompt tokens evaluated per step")
     gpu_layers: int = Field(-1, description="layers offloaded to a GPU when there is one; -1: all")
     chat_template: str | None = Field(None, description="a Jinja chat template file to use instead")
+    vllm_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description='vLLM engine arguments, e.g. {"tensor_parallel_size": 2} (JSON in env)',
+    )
+    kv_cache_gib: int | None = Field(None, ge=1, description="vLLM on CPU: KV cache size in GiB")
+    max_batch: int = Field(32, ge=1, description="MLX: sequences decoded together")
     models_dir: Path = Path("models")
     cache_dir: Path = Path("cache")
     logs_dir: Path = Path("logs")

@@ -1,4 +1,6 @@
-"""Start the real server once per session: `vllm-obtain serve` with the embedded model."""
+"""Start the real server, once per engine: `vllm-obtain serve --engine E` with the embedded
+model. Every integration test runs against each engine; an engine that is not installed shows
+as skipped, with the command that installs it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import pytest
 from openai import OpenAI
 
 MODEL = "smollm2-135m-instruct"
+ENGINES = {"llama.cpp": "llama_cpp", "vllm": "vllm", "mlx": "mlx_lm"}
+# vLLM compiles its model graph on first start (minutes on 2 CPU cores; cached afterwards).
+STARTUP_TIMEOUT_S = 900
 
 
 def _free_port() -> int:
@@ -24,58 +29,65 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (./install.sh)")
-    port = _free_port()
-    workdir: Path = tmp_path_factory.mktemp("server")
-    log = (workdir / "server.log").open("w")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBTAIN_")}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm_obtain",
-            "serve",
-            "--port",
-            str(port),
-            "--mode",
-            "prod",
-            "--logs-dir",
-            str(workdir / "logs"),
-            "--models-dir",
-            str(workdir / "models"),
-            "--cache-dir",
-            str(workdir / "cache"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=workdir,
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the session: the GGUF -> HF conversion is made once for vLLM and MLX."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session", params=list(ENGINES))
+def engine(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    pytest.importorskip(
+        ENGINES[name], reason=f"{name} engine not installed (./install.sh --engines {name})"
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited: {(workdir / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        else:
-            pytest.fail("server did not become healthy in 120 s")
-        yield url
-    finally:
-        process.terminate()
+    return name
+
+
+@pytest.fixture(scope="session")
+def base_url(
+    engine: str, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    port = _free_port()
+    workdir: Path = tmp_path_factory.mktemp(f"server-{engine}")
+    log_path = workdir / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBTAIN_")}
+    command = [
+        sys.executable, "-m", "vllm_obtain", "serve", "--engine", engine, "--port", str(port),
+        "--mode", "prod", "--logs-dir", str(workdir / "logs"),
+        "--models-dir", str(workdir / "models"), "--cache-dir", str(shared_cache),
+    ]  # fmt: skip
+    if engine == "vllm":
+        command += ["--kv-cache-gib", "1"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+        )
+        url = f"http://127.0.0.1:{port}"
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            _wait_healthy(url, process, log_path)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"server did not become healthy in {STARTUP_TIMEOUT_S} s")
 
 
 @pytest.fixture(scope="session")
 def client(base_url: str) -> OpenAI:
-    return OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=120)
+    return OpenAI(base_url=f"{base_url}/v1", api_key="not-needed", max_retries=0, timeout=300)

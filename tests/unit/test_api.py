@@ -120,6 +120,11 @@ def test_features_not_implemented_yet_are_refused_by_name_not_ignored(client, bo
     assert_error(chat(client, **body), 400, param, "unsupported")
 
 
+def test_sampling_param_the_engine_lacks_is_refused_by_name(client):
+    assert_error(chat(client, presence_penalty=0.5), 400, "presence_penalty", "unsupported")
+    assert chat(client, temperature=0.5, top_p=0.9, seed=1).status_code == 200
+
+
 def test_prompt_longer_than_context_is_400(client):
     error = assert_error(
         chat(client, messages=[{"role": "user", "content": "x" * 1000}]),
@@ -141,6 +146,13 @@ def test_text_content_parts_are_joined(client, engine):
     assert chat(client, messages=[{"role": "user", "content": content}]).status_code == 200
     prompt = "".join(chr(t) for t in engine.requests[-1].prompt_tokens)
     assert prompt == "<user>ab\n<assistant>"
+
+
+def test_chat_template_override_replaces_the_models_own(engine):
+    model = ServedModel(id=MODEL, engine=engine, chat_template="[{{ messages[0].content }}]")
+    with TestClient(create_app(Settings(), registry=ModelRegistry([model]))) as client:
+        assert chat(client).status_code == 200
+    assert "".join(chr(t) for t in engine.requests[-1].prompt_tokens) == "[hi]"
 
 
 def test_developer_role_is_rendered_as_system(client, engine):

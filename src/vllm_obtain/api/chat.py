@@ -27,8 +27,8 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    refuse_unsupported(body)
     model = registry_of(request).get(body.model)
+    refuse_unsupported(body, model)
     prompt_tokens = await model.chat_prompt_tokens([m.for_template() for m in body.messages])
     requests = plan_choices(
         request, model, [prompt_tokens], body, body.token_limit, prompt_param="messages"

@@ -18,8 +18,8 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    refuse_unsupported(body)
     model = registry_of(request).get(body.model)
+    refuse_unsupported(body, model)
     prompts = [
         p if isinstance(p, list) else await model.engine.tokenize(p, add_special=True)
         for p in body.prompts()

@@ -21,12 +21,19 @@ def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or id(request))
 
 
-def refuse_unsupported(body: SamplingFields) -> None:
+def refuse_unsupported(body: SamplingFields, model: ServedModel) -> None:
     """A param we cannot honour is refused by name, never silently ignored."""
     param = body.unsupported_param()
     if param is not None:
         raise InvalidRequestError(
             f"'{param}' is not supported by this server yet.", param=param, code="unsupported"
+        )
+    lacking = sorted(body.sampling_params_set() - model.engine.supported_params)
+    if lacking:
+        raise InvalidRequestError(
+            f"'{lacking[0]}' is not supported by the {model.engine.name} engine.",
+            param=lacking[0],
+            code="unsupported",
         )
 
 

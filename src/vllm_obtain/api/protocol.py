@@ -91,6 +91,17 @@ class SamplingFields(RequestModel):
             ignore_eos=self.ignore_eos,
         )
 
+    def sampling_params_set(self) -> set[str]:
+        """The sampling params this request sets to something other than the default."""
+        defaults = SamplingParams()
+        given = self.sampling_params()
+        return {
+            name
+            for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
+                         "ignore_eos")
+            if getattr(given, name) != getattr(defaults, name)
+        }  # fmt: skip
+
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []

@@ -29,6 +29,7 @@ class ServedModel:
     info: ModelInfo | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "vllm-obtain"
+    chat_template: str | None = None  # replaces the model's own (--chat-template)
 
     @property
     def loaded_info(self) -> ModelInfo:
@@ -39,13 +40,14 @@ class ServedModel:
     async def chat_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """Render a conversation with the model's own chat template and tokenize it."""
         info = self.loaded_info
-        if info.chat_template is None:
+        template = self.chat_template or info.chat_template
+        if template is None:
             raise ChatTemplateError(
                 f"The model '{self.id}' has no chat template; use /v1/completions, or serve it "
                 "with --chat-template."
             )
         prompt = render_chat_prompt(
-            info.chat_template, messages, bos_token=info.bos_token, eos_token=info.eos_token
+            template, messages, bos_token=info.bos_token, eos_token=info.eos_token
         )
         # The template writes any BOS the model wants itself, as transformers assumes.
         return await self.engine.tokenize(prompt, add_special=False)

@@ -11,6 +11,11 @@ from typing import Protocol, runtime_checkable
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
 
+# The sampling parameters every engine here implements (core.requests.SamplingParams).
+STANDARD_SAMPLING = frozenset(
+    {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "ignore_eos"}
+)
+
 
 class EngineError(RuntimeError):
     """The engine failed while serving a request; the request gets a 500, the server lives on."""
@@ -25,6 +30,9 @@ class Engine(Protocol):
     """A loaded model that turns prompts into token streams."""
 
     name: str
+    # The sampling parameters this engine honours; a request setting another one is refused
+    # with a 400 naming it, never silently ignored.
+    supported_params: frozenset[str]
 
     async def load(self) -> ModelInfo:
         """Load the model; return what the API layer needs to know about it."""

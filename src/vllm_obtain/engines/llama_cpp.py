@@ -12,15 +12,15 @@ import os
 import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
-from vllm_obtain.engines.base import EngineError, EngineNotInstalledError
+from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+from vllm_obtain.engines.worker_thread import Job, stream_job
 
 # llama.cpp reserves this seed value for "pick a random seed"; a client's seed must never mean that.
 _LLAMA_RANDOM_SEED = 0xFFFFFFFF
@@ -44,19 +44,11 @@ def client_seed_to_llama(seed: int | None) -> int:
     return value - 1 if value == _LLAMA_RANDOM_SEED else value
 
 
-@dataclass
-class _Job:
-    """One request in flight: its input, where its output goes, and whether it is still wanted."""
-
-    request: GenerationRequest
-    emit: Callable[[TokenChunk | BaseException], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
 class LlamaCppEngine:
     """Serves one GGUF model; requests run one at a time on the engine thread."""
 
     name = "llama.cpp"
+    supported_params = STANDARD_SAMPLING
 
     def __init__(
         self,
@@ -66,19 +58,17 @@ class LlamaCppEngine:
         threads: int | None = None,
         batch_size: int = 512,
         gpu_layers: int = 0,
-        chat_template: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self._context_length = context_length
         self._threads = threads or os.cpu_count() or 1
         self._batch_size = batch_size
         self._gpu_layers = gpu_layers
-        self._chat_template = chat_template
         self._llama: Any = None
         self._lib: Any = None
         self._pieces: list[bytes] = []
         self._is_eog: list[bool] = []
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._running = 0
 
@@ -91,7 +81,7 @@ class LlamaCppEngine:
         return ModelInfo(
             context_length=self._llama.n_ctx(),
             vocab_size=self._llama.n_vocab(),
-            chat_template=self._chat_template or meta.get("tokenizer.chat_template"),
+            chat_template=meta.get("tokenizer.chat_template"),
             bos_token=self._special_text(self._llama.token_bos()),
             eos_token=self._special_text(self._llama.token_eos()),
         )
@@ -151,27 +141,10 @@ class LlamaCppEngine:
     def stats(self) -> dict[str, int]:
         return {"running": self._running, "waiting": self._jobs.qsize()}
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         if self._thread is None:
             raise EngineError("the llama.cpp engine is not running")
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
-
-        def emit(item: TokenChunk | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
-        job = _Job(request, emit)
-        self._jobs.put(job)
-        try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise EngineError(f"llama.cpp failed: {item}") from item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            job.cancelled.set()
+        return stream_job(self._jobs, request, self.name)
 
     # --- engine thread -------------------------------------------------------------------
 
@@ -188,7 +161,7 @@ class LlamaCppEngine:
             finally:
                 self._running = 0
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         request, sampling, llama = job.request, job.request.sampling, self._llama
         llama.set_seed(client_seed_to_llama(sampling.seed))
         # Evaluate every prompt from scratch: the same prompt and seed then give the same

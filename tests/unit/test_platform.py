@@ -1,0 +1,83 @@
+import pytest
+
+from vllm_obtain.engines.base import EngineNotInstalledError
+from vllm_obtain.platform import GPU, PlatformInfo, choose_engine, parse_nvidia_smi
+
+ALL = ("llama.cpp", "vllm", "mlx")
+
+
+def machine(system="Linux", arch="x86_64", gpus=(), installed=ALL) -> PlatformInfo:
+    return PlatformInfo(
+        system=system, machine=arch, cpu_count=8, gpus=tuple(gpus), installed_engines=installed
+    )
+
+
+MAC = machine("Darwin", "arm64")
+CUDA_BOX = machine(gpus=[GPU("nvidia", "H100", 81559)])
+ROCM_BOX = machine(gpus=[GPU("amd", "MI300X")])
+CPU_BOX = machine()
+WINDOWS = machine("Windows", "AMD64", installed=("llama.cpp",))
+
+
+@pytest.mark.parametrize(
+    ("info", "fmt", "expected"),
+    [
+        (MAC, "alias", "mlx"),
+        (CUDA_BOX, "alias", "vllm"),
+        (ROCM_BOX, "alias", "vllm"),
+        (CPU_BOX, "alias", "llama.cpp"),
+        (WINDOWS, "alias", "llama.cpp"),
+        (CUDA_BOX, "gguf", "llama.cpp"),
+        (MAC, "gguf", "llama.cpp"),
+        (CUDA_BOX, "hf", "vllm"),
+        (MAC, "hf", "mlx"),
+        (CPU_BOX, "hf", "vllm"),
+    ],
+)
+def test_auto_choice_follows_hardware_and_model_format(info, fmt, expected):
+    engine, why = choose_engine(info, fmt)
+    assert engine == expected
+    assert why
+
+
+def test_gpu_without_vllm_falls_back_to_llama_cpp():
+    info = machine(gpus=[GPU("nvidia", "RTX 4090")], installed=("llama.cpp",))
+    assert choose_engine(info, "alias")[0] == "llama.cpp"
+
+
+def test_apple_silicon_without_mlx_falls_back_to_llama_cpp():
+    assert choose_engine(machine("Darwin", "arm64", installed=("llama.cpp",)), "alias")[0] == (
+        "llama.cpp"
+    )
+
+
+def test_gguf_without_llama_cpp_is_converted_for_another_engine():
+    assert choose_engine(machine(installed=("vllm",)), "gguf")[0] == "vllm"
+
+
+def test_explicit_engine_wins_over_auto():
+    assert choose_engine(CUDA_BOX, "alias", "llama.cpp") == ("llama.cpp", "asked for with --engine")
+
+
+def test_asking_for_a_missing_engine_says_how_to_install_it():
+    with pytest.raises(EngineNotInstalledError, match=r"install\.sh --engines vllm"):
+        choose_engine(WINDOWS, "alias", "vllm")
+
+
+def test_hf_model_with_only_llama_cpp_is_a_clear_error():
+    with pytest.raises(EngineNotInstalledError, match="vLLM or MLX"):
+        choose_engine(WINDOWS, "hf")
+
+
+def test_no_engine_at_all_is_a_clear_error():
+    with pytest.raises(EngineNotInstalledError, match="no inference engine"):
+        choose_engine(machine(installed=()), "alias")
+
+
+def test_nvidia_smi_output_is_parsed():
+    gpus = parse_nvidia_smi("NVIDIA H100 80GB HBM3, 81559\nNVIDIA A10, 23028\n")
+    assert gpus == (
+        GPU("nvidia", "NVIDIA H100 80GB HBM3", 81559),
+        GPU("nvidia", "NVIDIA A10", 23028),
+    )
+    assert parse_nvidia_smi("") == ()
