@@ -25,7 +25,9 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "--served-model-name": {"help": "model id clients use (default: the alias or file name)"},
     "--ctx-size": {"type": int, "help": "context length in tokens (default: the model's own)"},
     "--threads": {"type": int, "help": "CPU threads (default: all cores)"},
-    "--batch-size": {"type": int, "help": "prompt tokens per evaluation step (default 512)"},
+    "--batch-size": {"type": int, "help": "llama.cpp: tokens per decoding step (default 512)"},
+    "--parallel": {"type": int, "help": "llama.cpp: sequences decoded together (default 16)"},
+    "--kv-cache-tokens": {"type": int, "help": "llama.cpp: KV cache cells (default: automatic)"},
     "--gpu-layers": {"type": int, "help": "layers offloaded to a GPU if present (-1: all)"},
     "--chat-template": {"help": "Jinja chat template file to use instead of the model's"},
     "--kv-cache-gib": {"type": int, "help": "vLLM on CPU: KV cache size in whole GiB"},
@@ -144,6 +146,34 @@ def doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    """Drive one or two OpenAI-compatible servers with concurrent streaming clients."""
+    from vllm_obtain.bench import bench
+
+    urls = [args.base_url.rstrip("/")] + ([args.compare.rstrip("/")] if args.compare else [])
+    report = asyncio.run(
+        bench(
+            urls,
+            model=args.model,
+            concurrency=[int(c) for c in args.concurrency.split(",")],
+            requests_per_client=args.requests_per_client,
+            max_tokens=args.max_tokens,
+            warmup=args.warmup,
+        )
+    )
+    print(report.pop("table"))
+    if "ratios" in report:
+        print("\nratios (first URL vs --compare; above 1: first is better)")
+        for level, values in report["ratios"].items():
+            print(f"  {level:>3} streams: {values}")
+    print(f"\nthroughput vs one stream: {report['scaling_vs_one_stream']}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(report, out, indent=2)
+    errors = sum(r["errors"] for r in report["results"])
+    return 1 if errors else 0
+
+
 def list_models(args: argparse.Namespace) -> int:
     from vllm_obtain.catalog import aliases
 
@@ -177,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     selftest_cmd.add_argument("--prompt", default="What is the capital of France?")
     selftest_cmd.add_argument("--max-tokens", type=int, default=16)
     selftest_cmd.set_defaults(func=selftest)
+
+    bench_cmd = commands.add_parser("bench", help="load-test an OpenAI-compatible server")
+    bench_cmd.add_argument("--base-url", default="http://127.0.0.1:8001", help="server to measure")
+    bench_cmd.add_argument("--compare", help="a second server, measured the same way in turn")
+    bench_cmd.add_argument("--model", default="smollm2-135m-instruct")
+    bench_cmd.add_argument("--concurrency", default="1,16,64", help="comma-separated levels")
+    bench_cmd.add_argument("--requests-per-client", type=int, default=2)
+    bench_cmd.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    bench_cmd.add_argument("--warmup", type=int, default=2, help="unmeasured requests first")
+    bench_cmd.add_argument("--json", help="also write the report here")
+    bench_cmd.set_defaults(func=run_bench)
 
     commands.add_parser("models", help="list model aliases").set_defaults(func=list_models)
     return parser

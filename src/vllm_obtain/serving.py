@@ -23,6 +23,8 @@ def create_engine(name: str, model_path: Path, settings: Settings) -> Engine:
             threads=settings.threads,
             batch_size=settings.batch_size,
             gpu_layers=settings.gpu_layers,
+            parallel=settings.parallel,
+            kv_cache_tokens=settings.kv_cache_tokens,
         )
     if name == "vllm":
         from vllm_obtain.engines.vllm import VllmEngine

@@ -35,7 +35,11 @@ class Settings(BaseSettings):
     log_level: str | None = Field(None, description="default: DEBUG in dev, INFO in prod")
     ctx_size: int = Field(0, ge=0, description="context length in tokens; 0: the model's own")
     threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
-    batch_size: int = Field(512, ge=1, description="prompt tokens evaluated per step")
+    batch_size: int = Field(512, ge=1, description="llama.cpp: tokens evaluated per step")
+    parallel: int = Field(16, ge=1, description="llama.cpp: sequences decoded together")
+    kv_cache_tokens: int = Field(
+        0, ge=0, description="llama.cpp: KV cache cells shared by all sequences; 0: automatic"
+    )
     gpu_layers: int = Field(-1, description="layers offloaded to a GPU when there is one; -1: all")
     chat_template: str | None = Field(None, description="a Jinja chat template file to use instead")
     vllm_args: dict[str, Any] = Field(

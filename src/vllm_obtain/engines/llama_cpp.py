@@ -1,7 +1,7 @@
-"""llama.cpp through llama-cpp-python: GGUF models on CPU, CUDA, Metal or ROCm.
+"""llama.cpp through llama-cpp-python's low-level API: GGUF models on CPU, CUDA, Metal or ROCm.
 
-llama.cpp is not thread-safe per context, so one dedicated thread owns the model and context and
-runs the generations; the event loop only exchanges plain data with it through queues.
+A llama.cpp context is not thread-safe, so one dedicated thread owns the model, the context and
+the batch scheduler (llama_cpp_batch.py); the event loop exchanges plain data with it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import asyncio
 import ctypes
 import os
 import queue
-import random
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,32 +19,29 @@ from loguru import logger
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
 from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+from vllm_obtain.engines.llama_cpp_batch import BatchScheduler
 from vllm_obtain.engines.worker_thread import Job, stream_job
 
-# llama.cpp reserves this seed value for "pick a random seed"; a client's seed must never mean that.
-_LLAMA_RANDOM_SEED = 0xFFFFFFFF
+DEFAULT_MAX_CONTEXT = 8192
+DEFAULT_MAX_KV_TOKENS = 32768
 
 
-def _import_llama_cpp() -> Any:
+def _import_llama_cpp() -> tuple[Any, Any]:
     try:
         import llama_cpp
+        from llama_cpp import _internals
+        from llama_cpp._logger import set_verbose
     except ImportError as exc:
         raise EngineNotInstalledError(
             "llama.cpp engine needs llama-cpp-python: run ./install.sh (it builds it for this CPU)"
         ) from exc
-    return llama_cpp
-
-
-def client_seed_to_llama(seed: int | None) -> int:
-    """Map an OpenAI seed (any int64, or none) to llama.cpp's uint32 sampler seed."""
-    if seed is None:
-        return random.getrandbits(31)
-    value = seed & 0xFFFFFFFF
-    return value - 1 if value == _LLAMA_RANDOM_SEED else value
+    set_verbose(False)
+    llama_cpp.llama_backend_init()
+    return llama_cpp, _internals
 
 
 class LlamaCppEngine:
-    """Serves one GGUF model; requests run one at a time on the engine thread."""
+    """Serves one GGUF model; concurrent requests share each decoding step."""
 
     name = "llama.cpp"
     supported_params = STANDARD_SAMPLING
@@ -58,57 +54,83 @@ class LlamaCppEngine:
         threads: int | None = None,
         batch_size: int = 512,
         gpu_layers: int = 0,
+        parallel: int = 16,
+        kv_cache_tokens: int = 0,
     ) -> None:
         self.model_path = Path(model_path)
         self._context_length = context_length
         self._threads = threads or os.cpu_count() or 1
         self._batch_size = batch_size
         self._gpu_layers = gpu_layers
-        self._llama: Any = None
+        self._parallel = parallel
+        self._kv_cache_tokens = kv_cache_tokens
         self._lib: Any = None
-        self._pieces: list[bytes] = []
-        self._is_eog: list[bool] = []
+        self._model: Any = None
+        self._ctx: Any = None
+        self._scheduler: BatchScheduler | None = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._running = 0
 
     async def load(self) -> ModelInfo:
-        self._lib = _import_llama_cpp()
-        self._llama = await asyncio.to_thread(self._open)
+        self._lib, internals = _import_llama_cpp()
+        info = await asyncio.to_thread(self._open, internals)
         self._thread = threading.Thread(target=self._serve, name="llama.cpp-engine", daemon=True)
         self._thread.start()
-        meta = self._llama.metadata
-        return ModelInfo(
-            context_length=self._llama.n_ctx(),
-            vocab_size=self._llama.n_vocab(),
-            chat_template=meta.get("tokenizer.chat_template"),
-            bos_token=self._special_text(self._llama.token_bos()),
-            eos_token=self._special_text(self._llama.token_eos()),
-        )
+        return info
 
-    def _open(self) -> Any:
-        llama = self._lib.Llama(
-            model_path=str(self.model_path),
-            n_ctx=self._context_length,  # 0: the context length the model was trained with
-            n_batch=self._batch_size,
-            n_threads=self._threads,
-            n_threads_batch=self._threads,
-            n_gpu_layers=self._gpu_layers,
-            verbose=False,
+    def _open(self, internals: Any) -> ModelInfo:
+        lib = self._lib
+        model_params = lib.llama_model_default_params()
+        model_params.n_gpu_layers = self._gpu_layers
+        self._model = internals.LlamaModel(
+            path_model=str(self.model_path), params=model_params, verbose=False
         )
-        vocab = llama._model.vocab
+        model = self._model
+        # llama.cpp allocates the whole KV cache up front, so the defaults are bounded: models
+        # trained for 128k tokens would otherwise claim tens of GiB. --ctx-size raises them.
+        context = self._context_length or min(model.n_ctx_train(), DEFAULT_MAX_CONTEXT)
+        # One pool of KV cells shared by all sequences: by default room for every slot to use a
+        # quarter of the context at once (bounded), and never less than one full context.
+        kv_tokens = self._kv_cache_tokens or max(
+            context, min(self._parallel * context // 4, DEFAULT_MAX_KV_TOKENS)
+        )
+        params = lib.llama_context_default_params()
+        params.n_ctx = kv_tokens
+        params.n_batch = params.n_ubatch = self._batch_size
+        params.n_seq_max = self._parallel
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = self._threads
+        self._ctx = internals.LlamaContext(model=model, params=params, verbose=False)
+        vocab, n_vocab = model.vocab, model.n_vocab()
         # Computed once per model so the per-token work is a list lookup.
-        self._pieces = [self._token_piece(vocab, t) for t in range(llama.n_vocab())]
-        self._is_eog = [
-            bool(self._lib.llama_vocab_is_eog(vocab, t)) for t in range(llama.n_vocab())
-        ]
+        pieces = [self._token_piece(vocab, t) for t in range(n_vocab)]
+        is_eog = [bool(lib.llama_vocab_is_eog(vocab, t)) for t in range(n_vocab)]
+        self._scheduler = BatchScheduler(
+            lib,
+            internals,
+            self._ctx,
+            n_vocab=n_vocab,
+            pieces=pieces,
+            is_eog=is_eog,
+            n_slots=self._parallel,
+            kv_tokens=self._ctx.n_ctx(),
+            batch_size=self._batch_size,
+        )
         logger.info(
-            "llama.cpp loaded {} (context {}, {} threads)",
+            "llama.cpp loaded {} (context {}, KV cache {} tokens, {} parallel, {} threads)",
             self.model_path.name,
-            llama.n_ctx(),
+            context,
+            self._ctx.n_ctx(),
+            self._parallel,
             self._threads,
         )
-        return llama
+        return ModelInfo(
+            context_length=min(context, self._ctx.n_ctx()),
+            vocab_size=n_vocab,
+            chat_template=model.metadata().get("tokenizer.chat_template"),
+            bos_token=self._special_text(model.token_bos()),
+            eos_token=self._special_text(model.token_eos()),
+        )
 
     def _token_piece(self, vocab: Any, token: int, size: int = 64) -> bytes:
         buf = ctypes.create_string_buffer(size)
@@ -120,7 +142,7 @@ class LlamaCppEngine:
     def _special_text(self, token: int) -> str:
         if token < 0:
             return ""
-        text: str = self._llama._model.token_get_text(token)
+        text: str = self._model.token_get_text(token)
         return text
 
     async def unload(self) -> None:
@@ -129,62 +151,32 @@ class LlamaCppEngine:
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
         self._thread = None
-        self._llama.close()
-        self._llama = None
+        self._ctx.close()
+        self._model.close()
 
     async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         tokens: list[int] = await asyncio.to_thread(
-            self._llama.tokenize, text.encode("utf-8"), add_special, True
+            self._model.tokenize, text.encode("utf-8"), add_special, True
         )
         return tokens
 
     def stats(self) -> dict[str, int]:
-        return {"running": self._running, "waiting": self._jobs.qsize()}
+        scheduler = self._scheduler
+        if scheduler is None:
+            return {"running": 0, "waiting": self._jobs.qsize()}
+        return {
+            "running": scheduler.running,
+            "waiting": len(scheduler.waiting) + self._jobs.qsize(),
+        }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         if self._thread is None:
             raise EngineError("the llama.cpp engine is not running")
         return stream_job(self._jobs, request, self.name)
 
-    # --- engine thread -------------------------------------------------------------------
-
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            self._running = 1
-            try:
-                self._run(job)
-            except Exception as exc:
-                logger.exception("llama.cpp failed on request {}", job.request.request_id)
-                job.emit(exc)
-            finally:
-                self._running = 0
-
-    def _run(self, job: Job) -> None:
-        request, sampling, llama = job.request, job.request.sampling, self._llama
-        llama.set_seed(client_seed_to_llama(sampling.seed))
-        # Evaluate every prompt from scratch: the same prompt and seed then give the same
-        # tokens no matter what ran before (prefix reuse comes with the batching scheduler).
-        llama.reset()
-        tokens = llama.generate(
-            list(request.prompt_tokens),
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=0,  # OpenAI has no top-k; 0 disables llama.cpp's default of 40
-            min_p=0.0,
-            typical_p=1.0,
-            repeat_penalty=1.0,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-        )
-        for produced, token in enumerate(tokens, start=1):
-            if job.cancelled.is_set():
-                return
-            if self._is_eog[token] and not sampling.ignore_eos:
-                job.emit(TokenChunk((token,), b"", "stop"))
-                return
-            out_of_room = produced >= request.max_tokens or llama.n_tokens >= llama.n_ctx()
-            job.emit(TokenChunk((token,), self._pieces[token], "length" if out_of_room else None))
-            if out_of_room:
-                return
+        assert self._scheduler is not None
+        try:
+            self._scheduler.serve(self._jobs)
+        finally:
+            self._scheduler.close()

