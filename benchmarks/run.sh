@@ -8,6 +8,8 @@ mkdir -p "$OUT"
 PY=.venv/bin/python
 OBTAIN=.venv/bin/vllm-obtain
 pids=()
+# bench exits 1 when a run had errors; the report is still the point, so record and go on.
+bench() { $OBTAIN bench "$@" || echo "(this run had errors: see the table)"; }
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
@@ -32,10 +34,10 @@ wait_healthy http://127.0.0.1:8101 /health
 wait_healthy http://127.0.0.1:8102 /v1/models
 
 echo "== vllm-obtain (llama.cpp engine) vs llama_cpp.server: 1 and 16 streams, 128 tokens each"
-$OBTAIN bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8102 \
+bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8102 \
   --concurrency 1,16 --max-tokens 128 --json "$OUT/llama_cpp_vs_server.json"
 echo "== vllm-obtain (llama.cpp engine): 64 streams"
-$OBTAIN bench --base-url http://127.0.0.1:8101 --concurrency 64 --requests-per-client 1 \
+bench --base-url http://127.0.0.1:8101 --concurrency 64 --requests-per-client 1 \
   --max-tokens 64 --json "$OUT/llama_cpp_64.json"
 cleanup; pids=()
 
@@ -47,8 +49,8 @@ if [ "${1:-}" = --all-engines ]; then
       > "$OUT/$engine.log" 2>&1 &
     pids+=($!)
     wait_healthy http://127.0.0.1:8103 /health
-    $OBTAIN bench --base-url http://127.0.0.1:8103 --concurrency 1,16 --max-tokens 64 \
-      --json "$OUT/$engine.json"
+    bench --base-url http://127.0.0.1:8103 --concurrency 1,16 --requests-per-client 1 \
+      --max-tokens 64 --json "$OUT/$engine.json"
     cleanup; pids=()
   done
 fi
