@@ -33,9 +33,9 @@ def main() -> None:
     rates = []
     for _ in range(args.runs):
         llm.reset()
-        produced, first = 0, 0.0
-        for _token in llm.generate(prompt, temp=0.7, top_p=1.0, top_k=0, min_p=0.0):
-            produced += 1
+        first = 0.0
+        tokens = llm.generate(prompt, temp=0.7, top_p=1.0, top_k=0, min_p=0.0)
+        for produced, _token in enumerate(tokens, start=1):
             if produced == 1:
                 first = time.perf_counter()
             if produced > args.tokens:

@@ -4,6 +4,7 @@ as skipped, with the command that installs it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,10 +23,38 @@ ENGINES = {"llama.cpp": "llama_cpp", "vllm": "vllm", "mlx": "mlx_lm"}
 STARTUP_TIMEOUT_S = 900
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def start_server(
+    workdir: Path, args: list[str], port: int, cache_dir: Path | None = None
+) -> Iterator[str]:
+    """`vllm-obtain serve ARGS` in its own process, until the block ends; yields its base URL."""
+    log_path = workdir / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBTAIN_")}
+    command = [
+        sys.executable, "-m", "vllm_obtain", "serve", "--port", str(port), "--mode", "prod",
+        "--logs-dir", str(workdir / "logs"), "--models-dir", str(workdir / "models"),
+        "--cache-dir", str(cache_dir or workdir / "cache"), *args,
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_healthy(url, process, log_path)
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 @pytest.fixture(scope="session")
@@ -47,31 +76,12 @@ def engine(request: pytest.FixtureRequest) -> str:
 def base_url(
     engine: str, shared_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    port = _free_port()
     workdir: Path = tmp_path_factory.mktemp(f"server-{engine}")
-    log_path = workdir / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBTAIN_")}
-    command = [
-        sys.executable, "-m", "vllm_obtain", "serve", "--engine", engine, "--port", str(port),
-        "--mode", "prod", "--logs-dir", str(workdir / "logs"),
-        "--models-dir", str(workdir / "models"), "--cache-dir", str(shared_cache),
-    ]  # fmt: skip
+    args = ["--engine", engine]
     if engine == "vllm":
-        command += ["--kv-cache-gib", "1"]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            _wait_healthy(url, process, log_path)
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        args += ["--kv-cache-gib", "1"]
+    with start_server(workdir, args, free_port(), cache_dir=shared_cache) as url:
+        yield url
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:

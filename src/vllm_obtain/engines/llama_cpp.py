@@ -167,6 +167,7 @@ class LlamaCppEngine:
         return {
             "running": scheduler.running,
             "waiting": len(scheduler.waiting) + self._jobs.qsize(),
+            "prefix_tokens_reused": scheduler.prefix_tokens_reused,
         }
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:

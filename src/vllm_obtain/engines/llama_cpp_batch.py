@@ -90,6 +90,7 @@ class BatchScheduler:
         self._batch = lib.llama_batch_init(batch_size, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.waiting: deque[Job] = deque()
+        self.prefix_tokens_reused = 0  # prompt tokens served from cache instead of recomputed
         self._clock = itertools.count()
 
     @property
@@ -175,6 +176,7 @@ class BatchScheduler:
         slot.sampler = self._make_sampler(job.request.sampling, fallback_seed=next(self._clock))
         slot.last_used = next(self._clock)
         if reuse:
+            self.prefix_tokens_reused += reuse
             logger.debug("request {} reuses {} cached prompt tokens", job.request.request_id, reuse)
 
     def _make_sampler(self, sampling: SamplingParams, fallback_seed: int) -> Any:
