@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,13 +174,13 @@ class BatchScheduler:
         slot.pending = prompt[reuse:]
         slot.job, slot.next_token, slot.produced = job, None, 0
         slot.reserved = len(prompt) + job.request.max_tokens
-        slot.sampler = self._make_sampler(job.request.sampling, fallback_seed=next(self._clock))
+        slot.sampler = self._make_sampler(job.request.sampling)
         slot.last_used = next(self._clock)
         if reuse:
             self.prefix_tokens_reused += reuse
             logger.debug("request {} reuses {} cached prompt tokens", job.request.request_id, reuse)
 
-    def _make_sampler(self, sampling: SamplingParams, fallback_seed: int) -> Any:
+    def _make_sampler(self, sampling: SamplingParams) -> Any:
         sampler = self._internals.LlamaSampler()
         if sampling.presence_penalty or sampling.frequency_penalty:
             sampler.add_penalties(
@@ -194,7 +195,8 @@ class BatchScheduler:
         else:
             sampler.add_top_p(sampling.top_p, 1)
             sampler.add_temp(sampling.temperature)
-            sampler.add_dist(client_seed_to_llama(sampling.seed, fallback_seed * 7919 + 17))
+            # No seed: a fresh random one, so unseeded requests differ, across restarts too.
+            sampler.add_dist(client_seed_to_llama(sampling.seed, random.getrandbits(32)))
         return sampler
 
     # --- one decoding step ----------------------------------------------------------------
