@@ -141,9 +141,12 @@ class MlxEngine:
             except _Shutdown:
                 break
             for job in admitted:
-                running[self._insert(generator, job, no_stop)] = _Sequence(
-                    job, self._tokenizer.detokenizer
-                )
+                try:
+                    uid = self._insert(generator, job, no_stop)
+                except Exception as exc:  # refused by mlx-lm: this request fails, others go on
+                    job.emit(exc)
+                    continue
+                running[uid] = _Sequence(job, self._tokenizer.detokenizer)
             gone = [uid for uid, seq in running.items() if seq.job.cancelled.is_set()]
             if gone:
                 generator.remove(gone)
