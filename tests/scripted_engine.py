@@ -19,6 +19,7 @@ TEMPLATE = (
 class ScriptedEngine:
     name = "scripted"
     supported_params = frozenset({"temperature", "top_p", "seed"})
+    state = "ready"
 
     def __init__(
         self,
@@ -27,11 +28,15 @@ class ScriptedEngine:
         fail_after: int | None = None,
         endless: bool = False,
         context_length: int = 256,
+        max_running: int = 4,
+        delay: float = 0.0,
     ) -> None:
         self.reply = reply
         self.fail_after = fail_after  # raise EngineError after this many tokens
         self.endless = endless  # never finish, not even at max_tokens: only cancellation ends it
         self.context_length = context_length
+        self.max_running = max_running
+        self.delay = delay  # seconds per token: keeps requests in flight for queueing tests
         self.running = 0
         self.cancelled = 0
         self.requests: list[GenerationRequest] = []
@@ -51,7 +56,7 @@ class ScriptedEngine:
     async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
         return [ord(c) for c in text]
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         return {"running": self.running, "waiting": 0}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
@@ -61,7 +66,7 @@ class ScriptedEngine:
         try:
             produced = 0
             while True:
-                await asyncio.sleep(0.001 if self.endless else 0)
+                await asyncio.sleep(self.delay or (0.001 if self.endless else 0))
                 if self.fail_after is not None and produced >= self.fail_after:
                     raise EngineError("scripted failure")
                 if not self.endless and produced >= len(self.reply):

@@ -34,6 +34,43 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
     "--max-batch": {"type": int, "help": "MLX: sequences decoded together (default 32)"},
     "--mode": {"choices": ["dev", "prod"], "help": "prod: JSON logs; dev: readable logs, reload"},
     "--log-level": {"help": "DEBUG, INFO, WARNING... (default DEBUG in dev, INFO in prod)"},
+    "--api-key": {
+        "dest": "api_keys",
+        "action": "append",
+        "metavar": "KEY",
+        "help": "require 'Authorization: Bearer KEY' (repeatable; env OBTAIN_API_KEYS=k1,k2)",
+    },
+    "--auth-health": {"action": "store_const", "const": True, "help": "/health needs a key too"},
+    "--auth-metrics": {"action": "store_const", "const": True, "help": "/metrics needs a key too"},
+    "--cors-origin": {
+        "dest": "cors_origins",
+        "action": "append",
+        "metavar": "ORIGIN",
+        "help": "allow browsers from this origin (repeatable; '*' for any; default: none)",
+    },
+    "--max-queue": {"type": int, "help": "requests waiting per model before 429 (default 256)"},
+    "--request-timeout": {"type": float, "help": "seconds a request may take (default 600)"},
+    "--max-body-mb": {"type": float, "help": "largest request body in MiB (default 8)"},
+    "--max-prompt-tokens": {"type": int, "help": "longest prompt accepted (default: context)"},
+    "--max-tokens-limit": {"type": int, "help": "largest max_tokens allowed (default: context)"},
+    "--engine-isolation": {
+        "choices": ["process", "none"],
+        "help": "process (default): the engine runs in a child restarted after a crash",
+    },
+    "--engine-hang-timeout": {
+        "type": float,
+        "help": "seconds a busy engine may go without progress before it is restarted (120)",
+    },
+    "--engine-max-restarts": {"type": int, "help": "restarts allowed in 10 minutes (default 5)"},
+    "--shutdown-timeout": {
+        "type": float,
+        "help": "on SIGTERM, seconds streams in flight get to finish (default 30)",
+    },
+    "--log-prompts": {
+        "action": "store_const",
+        "const": True,
+        "help": "include prompt text in request log lines (off by default: it is private)",
+    },
     "--models-dir": {"help": "where local models live (default models/)"},
     "--cache-dir": {"help": "downloads and converted weights (default cache/)"},
     "--logs-dir": {"help": "rotating log files (default logs/)"},
@@ -41,10 +78,10 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag in SERVE_FLAGS
-    }
+    fields = [
+        options.get("dest", flag[2:].replace("-", "_")) for flag, options in SERVE_FLAGS.items()
+    ]
+    overrides = {field: getattr(args, field) for field in fields}
     overrides["model"] = args.model
     if args.vllm_arg:
         overrides["vllm_args"] = dict(parse_engine_arg(a) for a in args.vllm_arg)
@@ -69,7 +106,15 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     configure_logging_for(settings)
-    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_config": None}
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,
+        "access_log": False,  # RequestContextMiddleware writes one richer line per request
+        # On SIGTERM uvicorn stops accepting, then lets responses in flight (streams too)
+        # finish for this long before cancelling them; then the engines unload.
+        "timeout_graceful_shutdown": settings.shutdown_timeout,
+    }
     if settings.mode == "dev":
         # The reloader re-imports the app in a child process: hand it the settings as env vars.
         for key, value in settings.model_dump(exclude_unset=True).items():
@@ -85,8 +130,17 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     from vllm_obtain.api.app import create_app
 
-    uvicorn.run(create_app(settings), **common)
-    return 0
+    failed = False
+
+    def stop_on_load_failure() -> None:
+        nonlocal failed
+        failed = True
+        server.should_exit = True
+
+    app = create_app(settings, on_load_failure=stop_on_load_failure)
+    server = uvicorn.Server(uvicorn.Config(app, **common))
+    server.run()
+    return 1 if failed else 0
 
 
 def selftest(args: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from vllm_obtain.catalog import model_format, resolve_model
-from vllm_obtain.core.manager import ModelRegistry, ServedModel
+from vllm_obtain.core.manager import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.engines.base import Engine
+from vllm_obtain.engines.supervisor import SupervisedEngine
 from vllm_obtain.platform import PlatformInfo, choose_engine, detect_platform
 from vllm_obtain.settings import Settings
 
@@ -59,7 +60,31 @@ def build_registry(settings: Settings, info: PlatformInfo | None = None) -> Mode
     )
     served = ServedModel(
         id=settings.served_model_name or resolved.id,
-        engine=create_engine(engine, resolved.path, settings),
+        engine=isolated_engine(engine, resolved.path, settings),
         chat_template=_read_template(settings.chat_template),
+        limits=limits_from(settings),
     )
     return ModelRegistry([served])
+
+
+def limits_from(settings: Settings) -> ServingLimits:
+    return ServingLimits(
+        max_queue=settings.max_queue,
+        request_timeout=settings.request_timeout,
+        max_prompt_tokens=settings.max_prompt_tokens,
+        max_tokens=settings.max_tokens_limit,
+    )
+
+
+def isolated_engine(name: str, model_path: Path, settings: Settings) -> Engine:
+    """The engine in a child process the server restarts after a crash (the default), or
+    in this process when isolation is off."""
+    if settings.engine_isolation == "none":
+        return create_engine(name, model_path, settings)
+    return SupervisedEngine(
+        name,
+        model_path,
+        settings,
+        hang_timeout=settings.engine_hang_timeout,
+        max_restarts=settings.engine_max_restarts,
+    )

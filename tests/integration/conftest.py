@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,11 +30,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass
+class RunningServer:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
 @contextlib.contextmanager
 def start_server(
     workdir: Path, args: list[str], port: int, cache_dir: Path | None = None
 ) -> Iterator[str]:
     """`vllm-obtain serve ARGS` in its own process, until the block ends; yields its base URL."""
+    with running_server(workdir, args, port, cache_dir) as server:
+        yield server.url
+
+
+@contextlib.contextmanager
+def running_server(
+    workdir: Path, args: list[str], port: int, cache_dir: Path | None = None
+) -> Iterator[RunningServer]:
+    """As start_server, with the process at hand (for signals) and its log file."""
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBTAIN_")}
     command = [
@@ -48,7 +65,7 @@ def start_server(
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, process, log_path)
-            yield url
+            yield RunningServer(url, process, log_path)
         finally:
             process.terminate()
             try:

@@ -1,28 +1,26 @@
 """API-layer behaviour pinned on the scripted engine: envelopes, framing, failures, cancellation.
 What the model itself says is tested on the real engine in tests/integration."""
 
-import contextlib
-import json
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
+from tests.api_helpers import (
+    MODEL,
+    ReadyTestClient,
+    assert_error,
+    chat,
+    make_client,
+    sse_events,
+    uvicorn_thread,
+)
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
 from vllm_obtain.core.manager import ModelRegistry, ServedModel
 from vllm_obtain.settings import Settings
-
-MODEL = "scripted"
-
-
-def make_client(engine: ScriptedEngine) -> TestClient:
-    registry = ModelRegistry([ServedModel(id=MODEL, engine=engine)])
-    return TestClient(create_app(Settings(), registry=registry), raise_server_exceptions=False)
 
 
 @pytest.fixture
@@ -34,29 +32,6 @@ def engine() -> ScriptedEngine:
 def client(engine: ScriptedEngine) -> Iterator[TestClient]:
     with make_client(engine) as client:
         yield client
-
-
-def chat(client: TestClient, **body):
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body}
-    return client.post("/v1/chat/completions", json=payload)
-
-
-def sse_events(response) -> list:
-    lines = [line for line in response.text.split("\n\n") if line]
-    assert all(line.startswith("data: ") for line in lines)
-    assert lines[-1] == "data: [DONE]"
-    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
-
-
-def assert_error(response, status: int, param: str | None, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    assert error["message"]
-    return error
 
 
 @pytest.mark.parametrize(
@@ -150,7 +125,7 @@ def test_text_content_parts_are_joined(client, engine):
 
 def test_chat_template_override_replaces_the_models_own(engine):
     model = ServedModel(id=MODEL, engine=engine, chat_template="[{{ messages[0].content }}]")
-    with TestClient(create_app(Settings(), registry=ModelRegistry([model]))) as client:
+    with ReadyTestClient(create_app(Settings(), registry=ModelRegistry([model]))) as client:
         assert chat(client).status_code == 200
     assert "".join(chr(t) for t in engine.requests[-1].prompt_tokens) == "[hi]"
 
@@ -251,7 +226,9 @@ def test_request_id_is_honoured_and_returned(client):
 def test_health_reports_engine_state(client):
     body = client.get("/health").json()
     assert body["status"] == "ok"
-    assert body["models"] == [{"id": MODEL, "engine": "scripted", "running": 0, "waiting": 0}]
+    assert body["models"] == [
+        {"id": MODEL, "engine": "scripted", "state": "ready", "running": 0, "waiting": 0}
+    ]
 
 
 def test_client_leaving_a_stream_cancels_the_generation():
@@ -268,19 +245,3 @@ def test_client_leaving_a_stream_cancels_the_generation():
             time.sleep(0.05)
         assert engine.running == 0
         assert engine.cancelled == 1
-
-
-@contextlib.contextmanager
-def uvicorn_thread(app) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

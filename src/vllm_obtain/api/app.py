@@ -2,39 +2,82 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from vllm_obtain import __version__
-from vllm_obtain.api import chat, completions, health, models
+from vllm_obtain.api import chat, completions, health, metrics, models
+from vllm_obtain.api.access import ApiKeyMiddleware, BodyLimitMiddleware
 from vllm_obtain.api.errors import install_error_handlers
-from vllm_obtain.api.middleware import RequestIdMiddleware
+from vllm_obtain.api.metrics import ServerMetrics
+from vllm_obtain.api.middleware import RequestContextMiddleware
 from vllm_obtain.core.manager import ModelRegistry
 from vllm_obtain.logs import configure_logging_for
 from vllm_obtain.serving import build_registry
 from vllm_obtain.settings import Settings
 
 
-def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
-    """Build the app; models load when it starts. Tests pass a registry of their own."""
+def create_app(
+    settings: Settings,
+    registry: ModelRegistry | None = None,
+    *,
+    on_load_failure: Callable[[], None] | None = None,
+) -> FastAPI:
+    """Build the app. Models load in the background once it starts, so health checks can see
+    "loading" meanwhile; a model that fails to load calls `on_load_failure` (the CLI exits).
+    Tests pass a registry of their own."""
     registry = registry if registry is not None else build_registry(settings)
+
+    async def load() -> None:
+        try:
+            await registry.load_all()
+        except Exception:  # logged by the registry; health now says which model failed
+            if on_load_failure is not None:
+                on_load_failure()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await registry.load_all()
+        loading = asyncio.create_task(load())
         try:
             yield
         finally:
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
             await registry.unload_all()
 
     app = FastAPI(title="vllm-obtain", version=__version__, lifespan=lifespan)
     app.state.registry = registry
     app.state.settings = settings
+    app.state.metrics = ServerMetrics(registry)
     install_error_handlers(app)
-    app.add_middleware(RequestIdMiddleware)
-    for module in (chat, completions, models, health):
+    # Added innermost first: a request meets the request context (id, log line, metrics), then
+    # CORS (so browsers' preflights are answered without a key), then keys, then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 1024 * 1024))
+    if settings.api_keys:
+        app.add_middleware(
+            ApiKeyMiddleware,
+            keys=settings.api_keys,
+            auth_health=settings.auth_health,
+            auth_metrics=settings.auth_metrics,
+        )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(
+        RequestContextMiddleware, metrics=app.state.metrics, log_prompts=settings.log_prompts
+    )
+    for module in (chat, completions, models, health, metrics):
         app.include_router(module.router)
     return app
 

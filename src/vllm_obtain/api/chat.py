@@ -7,7 +7,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from vllm_obtain.api.dependencies import plan_choices, refuse_unsupported, registry_of
+from vllm_obtain.api.dependencies import (
+    note_prompt,
+    plan_choices,
+    refuse_unsupported,
+    served_model,
+    stream_for,
+)
 from vllm_obtain.api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -19,7 +25,6 @@ from vllm_obtain.api.protocol import (
     Usage,
 )
 from vllm_obtain.api.streaming import ResponseMeta, collect_choices, primed, sse_response
-from vllm_obtain.core.generation import generate_choices
 from vllm_obtain.core.requests import ChoiceDelta
 
 router = APIRouter(tags=["chat"])
@@ -27,14 +32,17 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    model = registry_of(request).get(body.model)
+    model = served_model(request, body.model)
+    note_prompt(request, [m.for_template() for m in body.messages])
     refuse_unsupported(body, model)
     prompt_tokens = await model.chat_prompt_tokens([m.for_template() for m in body.messages])
     requests = plan_choices(
         request, model, [prompt_tokens], body, body.token_limit, prompt_param="messages"
     )
     meta = ResponseMeta.new("chatcmpl", model.id, len(prompt_tokens))
-    deltas = generate_choices(model.engine, requests, body.stop_strings())
+    deltas = stream_for(
+        request, model, requests, body.stop_strings(), prompt_tokens=meta.prompt_tokens
+    )
     if body.stream:
         return sse_response(chat_chunks(await primed(deltas), meta, body.n, body.include_usage))
     choices = await collect_choices(deltas, body.n)

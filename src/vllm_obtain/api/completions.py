@@ -7,10 +7,15 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from vllm_obtain.api.dependencies import plan_choices, refuse_unsupported, registry_of
+from vllm_obtain.api.dependencies import (
+    note_prompt,
+    plan_choices,
+    refuse_unsupported,
+    served_model,
+    stream_for,
+)
 from vllm_obtain.api.protocol import Completion, CompletionChoice, CompletionRequest
 from vllm_obtain.api.streaming import ResponseMeta, collect_choices, primed, sse_response
-from vllm_obtain.core.generation import generate_choices
 from vllm_obtain.core.requests import ChoiceDelta
 
 router = APIRouter(tags=["completions"])
@@ -18,7 +23,8 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    model = registry_of(request).get(body.model)
+    model = served_model(request, body.model)
+    note_prompt(request, body.prompt)
     refuse_unsupported(body, model)
     prompts = [
         p if isinstance(p, list) else await model.engine.tokenize(p, add_special=True)
@@ -27,7 +33,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     requests = plan_choices(request, model, prompts, body, body.max_tokens, prompt_param="prompt")
     meta = ResponseMeta.new("cmpl", model.id, sum(len(p) for p in prompts))
     count = len(requests)
-    deltas = generate_choices(model.engine, requests, body.stop_strings())
+    deltas = stream_for(
+        request, model, requests, body.stop_strings(), prompt_tokens=meta.prompt_tokens
+    )
     if body.stream:
         return sse_response(completion_chunks(await primed(deltas), meta, body.include_usage))
     choices = await collect_choices(deltas, count)

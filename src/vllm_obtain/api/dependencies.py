@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Sequence
+
 from fastapi import Request
 
 from vllm_obtain.api.errors import InvalidRequestError
+from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
 from vllm_obtain.api.protocol import SamplingFields
-from vllm_obtain.core.generation import seeded_for_choice
+from vllm_obtain.core.generation import (
+    admitted,
+    before_deadline,
+    generate_choices,
+    seeded_for_choice,
+)
 from vllm_obtain.core.manager import ModelRegistry, ServedModel
 from vllm_obtain.core.prompts import PromptError, check_token_ids, plan_max_tokens
-from vllm_obtain.core.requests import GenerationRequest
+from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -19,6 +28,48 @@ def registry_of(request: Request) -> ModelRegistry:
 
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "") or id(request))
+
+
+def record_of(request: Request) -> RequestRecord:
+    """The log and metrics record of this request (made by RequestContextMiddleware)."""
+    record = getattr(request.state, "record", None)
+    if record is None:  # an app mounted without the middleware
+        record = RequestRecord(request_id_of(request), request.method, request.url.path)
+        request.state.record = record
+    return record
+
+
+def served_model(request: Request, model_id: str) -> ServedModel:
+    """The model a request names, noted on its record for the log line and metrics."""
+    model = registry_of(request).get(model_id)
+    record_of(request).model = model.id
+    return model
+
+
+def note_prompt(request: Request, prompt: object) -> None:
+    """Keep the prompt for the request's log line, only where the operator enabled it."""
+    settings = getattr(request.app.state, "settings", None)
+    if settings is not None and settings.log_prompts:
+        record_of(request).prompt = json.dumps(prompt, ensure_ascii=False, default=str)
+
+
+def stream_for(
+    request: Request,
+    model: ServedModel,
+    choices: Sequence[tuple[int, GenerationRequest]],
+    stops: Sequence[str],
+    *,
+    prompt_tokens: int,
+) -> AsyncIterator[ChoiceDelta]:
+    """The choices' text as the client receives it: admitted against the model's bounded queue,
+    cut off at the request timeout, measured for the metrics."""
+    record = record_of(request)
+    record.prompt_tokens = prompt_tokens
+    deltas = generate_choices(model.engine, choices, stops)
+    deltas = before_deadline(deltas, model.limits.request_timeout)
+    deltas = admitted(model, len(choices), deltas)
+    metrics: ServerMetrics = request.app.state.metrics
+    return metrics.observe(deltas, record)
 
 
 def refuse_unsupported(body: SamplingFields, model: ServedModel) -> None:
@@ -56,7 +107,12 @@ def plan_choices(
     for p, tokens in enumerate(prompts):
         check_token_ids(tokens, info.vocab_size, prompt_param=prompt_param)
         max_tokens = plan_max_tokens(
-            len(tokens), token_limit, info.context_length, prompt_param=prompt_param
+            len(tokens),
+            token_limit,
+            info.context_length,
+            prompt_param=prompt_param,
+            max_prompt_tokens=model.limits.max_prompt_tokens,
+            max_tokens_cap=model.limits.max_tokens,
         )
         base = GenerationRequest(f"{request_id}-{p}", tuple(tokens), max_tokens, sampling)
         planned += [(p * body.n + j, seeded_for_choice(base, j)) for j in range(body.n)]

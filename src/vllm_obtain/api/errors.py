@@ -16,10 +16,11 @@ from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_obtain.api.protocol import ErrorBody, ErrorResponse
-from vllm_obtain.core.manager import UnknownModelError
+from vllm_obtain.core.generation import GenerationTimeoutError
+from vllm_obtain.core.manager import QueueFullError, UnknownModelError
 from vllm_obtain.core.prompts import PromptError
 from vllm_obtain.core.templates import ChatTemplateError
-from vllm_obtain.engines.base import EngineError
+from vllm_obtain.engines.base import EngineError, EngineUnavailableError
 
 
 class OpenAIError(Exception):
@@ -28,9 +29,17 @@ class OpenAIError(Exception):
     status_code = 500
     error_type = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.code = message, param, code
+        self.headers = headers or {}
 
     def envelope(self) -> ErrorResponse:
         return ErrorResponse(
@@ -50,9 +59,35 @@ class NotFoundError(OpenAIError):
     error_type = "invalid_request_error"
 
 
-def error_response(error: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
+class AuthenticationError(OpenAIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLargeError(OpenAIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class RateLimitError(OpenAIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
+class ServiceUnavailableError(OpenAIError):
+    status_code = 503
+
+
+class RequestTimeoutError(OpenAIError):
+    status_code = 504
+    error_type = "timeout_error"
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(
-        error.envelope().model_dump(mode="json"), status_code=error.status_code, headers=headers
+        error.envelope().model_dump(mode="json"),
+        status_code=error.status_code,
+        headers=error.headers or None,
     )
 
 
@@ -96,6 +131,14 @@ def as_openai_error(exc: Exception) -> OpenAIError:
         return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, ChatTemplateError):
         return InvalidRequestError(str(exc), param="messages", code="invalid_messages")
+    if isinstance(exc, GenerationTimeoutError):
+        return RequestTimeoutError(str(exc), code="timeout")
+    if isinstance(exc, QueueFullError):
+        retry = {"Retry-After": str(exc.retry_after)}
+        return RateLimitError(str(exc), code="queue_full", headers=retry)
+    if isinstance(exc, EngineUnavailableError):
+        retry = {"Retry-After": str(exc.retry_after)}
+        return ServiceUnavailableError(str(exc), code="engine_unavailable", headers=retry)
     if isinstance(exc, EngineError):
         return OpenAIError(f"The engine failed to generate: {exc}", code="engine_error")
     return OpenAIError("The server had an error while processing your request.")
@@ -115,15 +158,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         kind = NotFoundError if exc.status_code == 404 else InvalidRequestError
-        error = kind(str(exc.detail))
+        error = kind(str(exc.detail), headers=dict(exc.headers or {}))
         error.status_code = exc.status_code
-        return error_response(error, headers=dict(exc.headers or {}))
+        return error_response(error)
 
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for exc_type in (
         OpenAIError,
         UnknownModelError,
+        QueueFullError,
+        GenerationTimeoutError,
         PromptError,
         ChatTemplateError,
         EngineError,

@@ -1,20 +1,60 @@
-"""GET /health: whether the server can answer, and what its engines are doing."""
+"""Health: whether the server can answer, what its engines are doing, and the two probes an
+orchestrator wants (liveness: restart me; readiness: send me traffic)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_obtain.api.dependencies import registry_of
+from vllm_obtain.core.manager import ModelRegistry
 
 router = APIRouter(tags=["health"])
 
 
+def overall_status(states: Sequence[str]) -> str:
+    """ok: every model serves; loading: none has come up yet; degraded: anything else (an
+    engine restarting after a fault, or failed)."""
+    if states and all(s == "ready" for s in states):
+        return "ok"
+    if all(s == "loading" for s in states):
+        return "loading"
+    return "degraded"
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    models = registry_of(request).loaded()
+    """200 while at least one model can answer; 503 otherwise. The body says why."""
+    models = registry_of(request).all()
+    states = [m.state for m in models]
     body = {
-        "status": "ok" if models else "loading",
-        "models": [{"id": m.id, "engine": m.engine.name, **m.engine.stats()} for m in models],
+        "status": overall_status(states),
+        "models": [
+            {"id": m.id, "engine": m.engine.name, "state": m.state, **m.engine.stats()}
+            for m in models
+        ],
     }
-    return JSONResponse(body, status_code=200 if models else 503)
+    return JSONResponse(body, status_code=200 if "ready" in states else 503)
+
+
+@router.get("/health/live")
+async def liveness(request: Request) -> JSONResponse:
+    """Fails only when restarting this server is the cure: an engine that gave up restarting."""
+    failed = [m.id for m in registry_of(request).all() if m.state == "failed"]
+    if failed:
+        return JSONResponse({"status": "failed", "failed": failed}, status_code=503)
+    return JSONResponse({"status": "alive"})
+
+
+@router.get("/health/ready")
+async def readiness(request: Request) -> JSONResponse:
+    """200 when every model can take requests now."""
+    registry: ModelRegistry = registry_of(request)
+    states = {m.id: m.state for m in registry.all()}
+    ready = bool(states) and all(s == "ready" for s in states.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "models": states},
+        status_code=200 if ready else 503,
+    )

@@ -1,7 +1,8 @@
-"""Request ids: honour the client's X-Request-ID or make one, tag the logs, echo it back.
+"""Around every request: its id, its log line, its metrics.
 
-A plain ASGI middleware rather than BaseHTTPMiddleware, which buffers streaming responses and
-gets in the way of client-disconnect cancellation.
+Plain ASGI middleware rather than BaseHTTPMiddleware, which buffers streaming responses and
+gets in the way of client-disconnect cancellation. The log line and the metrics are written
+when the response has really ended: for a stream, after its last event.
 """
 
 from __future__ import annotations
@@ -12,25 +13,81 @@ from loguru import logger
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
+
 REQUEST_ID_HEADER = "x-request-id"
+# Probes and scrapes arrive every few seconds; their lines are DEBUG so they do not drown the rest.
+QUIET_PATHS = ("/health", "/metrics")
+# The routes whose requests last long enough for an in-flight gauge to mean something.
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
-class RequestIdMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics, log_prompts: bool = False) -> None:
         self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = incoming[:128] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        record = RequestRecord(incoming[:128] or uuid.uuid4().hex, scope["method"], scope["path"])
+        state = scope.setdefault("state", {})
+        state["request_id"], state["record"] = record.request_id, record
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                record.status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
             await send(message)
 
-        with logger.contextualize(request_id=request_id):
-            await self.app(scope, receive, send_with_id)
+        path = scope["path"]
+        in_flight = self.metrics.in_flight.labels(path if path in GENERATION_PATHS else "other")
+        with logger.contextualize(request_id=record.request_id):
+            in_flight.inc()
+            try:
+                await self.app(scope, receive, send_with_id)
+            except BaseException:
+                record.status = record.status or 500
+                raise
+            finally:
+                in_flight.dec()
+                # The route's template, known once the router matched: a bounded label set.
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.metrics.finish(route, record)
+                self._log(record)
+
+    def _log(self, record: RequestRecord) -> None:
+        fields = {
+            "method": record.method,
+            "path": record.path,
+            "status": record.status,
+            "latency_ms": round(record.latency * 1000, 1),
+        }
+        if record.model is not None:
+            fields |= {
+                "model": record.model,
+                "prompt_tokens": record.prompt_tokens,
+                "completion_tokens": record.completion_tokens,
+            }
+        if record.first_token_at is not None:
+            fields["ttft_ms"] = round((record.first_token_at - record.started) * 1000, 1)
+        if self.log_prompts and record.prompt is not None:
+            fields["prompt"] = record.prompt
+        level = "DEBUG" if record.path.startswith(QUIET_PATHS) else "INFO"
+        tokens = (
+            f" {record.model} {record.prompt_tokens}+{record.completion_tokens} tokens"
+            if record.model is not None
+            else ""
+        )
+        logger.bind(**fields).log(
+            level,
+            "{} {} {}{} {:.0f}ms",
+            record.method,
+            record.path,
+            record.status,
+            tokens,
+            fields["latency_ms"],
+        )

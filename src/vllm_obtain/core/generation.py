@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
+from vllm_obtain.core.manager import ServedModel
 from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest
 from vllm_obtain.core.textstream import TextStream
 from vllm_obtain.engines.base import Engine
@@ -99,3 +100,42 @@ def generate_choices(
     return merge_streams(
         [stream_choice(engine, request, index=index, stops=stops) for index, request in requests]
     )
+
+
+class GenerationTimeoutError(TimeoutError):
+    """The request ran past the server's request timeout."""
+
+
+async def before_deadline(
+    deltas: AsyncIterator[ChoiceDelta], seconds: float
+) -> AsyncIterator[ChoiceDelta]:
+    """Pass the deltas through until `seconds` have passed, then cancel the generation."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while True:
+            try:
+                delta = await asyncio.wait_for(anext(deltas), max(0.0, deadline - loop.time()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise GenerationTimeoutError(
+                    f"The request did not finish within the server's timeout ({seconds:g}s)."
+                ) from None
+            yield delta
+    finally:
+        await deltas.aclose()  # type: ignore[attr-defined]
+
+
+async def admitted(
+    model: ServedModel, sequences: int, deltas: AsyncIterator[ChoiceDelta]
+) -> AsyncIterator[ChoiceDelta]:
+    """Hold `sequences` places in the model's bounded queue while the deltas flow. Admission
+    happens at the first item, so a full queue (QueueFullError) is raised before any answer."""
+    model.admit(sequences)
+    try:
+        async for delta in deltas:
+            yield delta
+    finally:
+        model.release(sequences)
+        await deltas.aclose()  # type: ignore[attr-defined]

@@ -12,14 +12,35 @@ class PromptError(ValueError):
 
 
 def plan_max_tokens(
-    prompt_tokens: int, requested: int | None, context_length: int, *, prompt_param: str
+    prompt_tokens: int,
+    requested: int | None,
+    context_length: int,
+    *,
+    prompt_param: str,
+    max_prompt_tokens: int = 0,
+    max_tokens_cap: int = 0,
 ) -> int:
     """How many tokens may be generated: `requested`, or all the room left when unset.
 
     Like OpenAI and vLLM, a request that cannot fit is refused rather than silently truncated.
+    The operator's caps (0: none) are refused the same way; an unset max_tokens gets the cap.
     """
     if prompt_tokens == 0:
         raise PromptError("The prompt is empty.", param=prompt_param)
+    if max_prompt_tokens and prompt_tokens > max_prompt_tokens:
+        raise PromptError(
+            f"This server accepts prompts of at most {max_prompt_tokens} tokens. However, your "
+            f"prompt has {prompt_tokens} tokens. Please reduce the length of the {prompt_param}.",
+            param=prompt_param,
+            code="prompt_too_long",
+        )
+    if max_tokens_cap and requested is not None and requested > max_tokens_cap:
+        raise PromptError(
+            f"max_tokens is too large: {requested}. This server generates at most "
+            f"{max_tokens_cap} tokens per completion.",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
     if prompt_tokens >= context_length:
         raise PromptError(
             f"This model's maximum context length is {context_length} tokens. However, your "
@@ -29,7 +50,7 @@ def plan_max_tokens(
         )
     room = context_length - prompt_tokens
     if requested is None:
-        return room
+        return min(room, max_tokens_cap) if max_tokens_cap else room
     if requested > room:
         raise PromptError(
             f"This model's maximum context length is {context_length} tokens. However, you "

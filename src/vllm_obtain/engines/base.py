@@ -7,7 +7,7 @@ process without either side changing. Engines know nothing of HTTP.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
 
@@ -19,6 +19,19 @@ STANDARD_SAMPLING = frozenset(
 
 class EngineError(RuntimeError):
     """The engine failed while serving a request; the request gets a 500, the server lives on."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot serve right now (restarting after a fault): retry shortly, 503."""
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# loading: not yet served; ready: serving; restarting: recovering from a crash or a hang;
+# failed: gave up after too many restarts (liveness fails, so an orchestrator replaces us).
+EngineState = Literal["loading", "ready", "restarting", "failed"]
 
 
 class EngineNotInstalledError(RuntimeError):
@@ -33,6 +46,10 @@ class Engine(Protocol):
     # The sampling parameters this engine honours; a request setting another one is refused
     # with a 400 naming it, never silently ignored.
     supported_params: frozenset[str]
+    # How many sequences it decodes at once; more requests than this wait in its queue.
+    max_running: int
+    # Whether it can serve right now (in-process engines are "ready" once loaded).
+    state: EngineState
 
     async def load(self) -> ModelInfo:
         """Load the model; return what the API layer needs to know about it."""
@@ -54,6 +71,7 @@ class Engine(Protocol):
         """
         ...
 
-    def stats(self) -> dict[str, int]:
-        """Counters for health and metrics: at least `running` and `waiting`."""
+    def stats(self) -> dict[str, float]:
+        """Gauges for health and metrics: at least `running` and `waiting`; where the engine
+        knows it, `kv_cache_usage` (0 to 1)."""
         ...

@@ -18,7 +18,12 @@ from typing import Any
 from loguru import logger
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
-from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+from vllm_obtain.engines.base import (
+    STANDARD_SAMPLING,
+    EngineError,
+    EngineNotInstalledError,
+    EngineState,
+)
 from vllm_obtain.engines.llama_cpp_batch import BatchScheduler
 from vllm_obtain.engines.worker_thread import Job, stream_job
 
@@ -45,6 +50,7 @@ class LlamaCppEngine:
 
     name = "llama.cpp"
     supported_params = STANDARD_SAMPLING
+    state: EngineState = "ready"
 
     def __init__(
         self,
@@ -63,6 +69,7 @@ class LlamaCppEngine:
         self._batch_size = batch_size
         self._gpu_layers = gpu_layers
         self._parallel = parallel
+        self.max_running = parallel
         self._kv_cache_tokens = kv_cache_tokens
         self._lib: Any = None
         self._model: Any = None
@@ -160,13 +167,14 @@ class LlamaCppEngine:
         )
         return tokens
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         scheduler = self._scheduler
         if scheduler is None:
             return {"running": 0, "waiting": self._jobs.qsize()}
         return {
             "running": scheduler.running,
             "waiting": len(scheduler.waiting) + self._jobs.qsize(),
+            "kv_cache_usage": scheduler.kv_reserved / self._ctx.n_ctx(),
             "prefix_tokens_reused": scheduler.prefix_tokens_reused,
         }
 

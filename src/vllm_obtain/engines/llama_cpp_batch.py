@@ -98,6 +98,11 @@ class BatchScheduler:
     def running(self) -> int:
         return sum(slot.busy for slot in self.slots)
 
+    @property
+    def kv_reserved(self) -> int:
+        """KV cells promised to running requests (what admission counts against the pool)."""
+        return sum(s.reserved for s in self.slots if s.busy)
+
     def close(self) -> None:
         for slot in self.slots:
             self._release(slot)

@@ -20,7 +20,12 @@ from typing import Any
 from loguru import logger
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, SamplingParams, TokenChunk
-from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+from vllm_obtain.engines.base import (
+    STANDARD_SAMPLING,
+    EngineError,
+    EngineNotInstalledError,
+    EngineState,
+)
 from vllm_obtain.engines.worker_thread import Job, stream_job
 
 # OpenAI's penalties count what was generated so far; mlx-lm looks back a fixed window.
@@ -59,11 +64,13 @@ class MlxEngine:
 
     name = "mlx"
     supported_params = STANDARD_SAMPLING
+    state: EngineState = "ready"
 
     def __init__(self, model_dir: Path, *, context_length: int = 0, max_batch: int = 32) -> None:
         self.model_dir = Path(model_dir)
         self._context_length = context_length
         self._max_batch = max_batch
+        self.max_running = max_batch
         self._model: Any = None
         self._tokenizer: Any = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -116,7 +123,7 @@ class MlxEngine:
         )
         return ids
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         return {"running": self._active, "waiting": self._jobs.qsize()}
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:

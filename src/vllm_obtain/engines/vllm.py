@@ -17,7 +17,12 @@ from typing import Any
 from loguru import logger
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
-from vllm_obtain.engines.base import STANDARD_SAMPLING, EngineError, EngineNotInstalledError
+from vllm_obtain.engines.base import (
+    STANDARD_SAMPLING,
+    EngineError,
+    EngineNotInstalledError,
+    EngineState,
+)
 
 
 class VllmEngine:
@@ -25,6 +30,8 @@ class VllmEngine:
 
     name = "vllm"
     supported_params = STANDARD_SAMPLING
+    state: EngineState = "ready"
+    max_running = 256  # vLLM's default max_num_seqs; read from its config once loaded
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class VllmEngine:
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
         config = self._engine.model_config
+        self.max_running = self._engine.vllm_config.scheduler_config.max_num_seqs
         logger.info("vLLM loaded {} (context {})", self.model_dir.name, config.max_model_len)
         return ModelInfo(
             context_length=config.max_model_len,
@@ -80,7 +88,7 @@ class VllmEngine:
         )
         return ids
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         return {"running": self._running, "waiting": 0}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
