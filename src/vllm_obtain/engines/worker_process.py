@@ -135,6 +135,7 @@ async def serve(
             send(("failed", sid, str(exc)))
         finally:
             tasks.pop(sid, None)
+            send(("stats", engine.stats()))  # fresh figures as soon as a request ends
 
     async def tokenize(sid: int, text: str, add_special: bool) -> None:
         try:

@@ -1,0 +1,42 @@
+"""Bad-input fuzzing: schemathesis generates requests from our own OpenAPI schema, valid and
+deliberately invalid, and every answer must be a 2xx or a 4xx in OpenAI's error envelope: never
+a 5xx. The API layer runs on the scripted engine here (thousands of requests in seconds);
+tests/integration/test_fuzz_real.py sends a shorter run to the real llama.cpp engine."""
+
+import asyncio
+
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from tests.api_helpers import MODEL
+from tests.scripted_engine import ScriptedEngine
+from vllm_obtain.api.app import create_app
+from vllm_obtain.core.manager import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.settings import Settings
+
+
+def loaded_app():
+    """The app with its model already loaded: schemathesis calls it without running lifespan."""
+    engine = ScriptedEngine(context_length=4096, max_running=64)
+    model = ServedModel(id=MODEL, engine=engine, limits=ServingLimits(max_tokens=32))
+    model.info = asyncio.run(engine.load())
+    return create_app(Settings(), registry=ModelRegistry([model]))
+
+
+schema = schemathesis.openapi.from_asgi("/openapi.json", loaded_app())
+schema.config.generation.update(
+    modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+)
+
+
+@schema.parametrize()
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+def test_no_request_gets_a_server_error(case):
+    if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+        case.body["model"] = MODEL  # a served model, or generation would never be reached
+    response = case.call()
+    assert response.status_code < 500, f"{case.method} {case.path}: {response.text[:500]}"
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["message"]
