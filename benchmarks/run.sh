@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The speed figures of benchmarks/RESULTS.md, measured side by side in one run on this machine.
 # Usage: benchmarks/run.sh [--all-engines]   (after ./install.sh; --all-engines needs --engines all)
+#        benchmarks/run.sh --isolation      only the cost of running the engine in its own process
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results
@@ -17,6 +18,20 @@ wait_healthy() {  # URL PATH
   for _ in $(seq 1 900); do curl -sf "$1$2" >/dev/null && return 0; sleep 1; done
   echo "server at $1 never became ready" >&2; return 1
 }
+
+if [ "${1:-}" = --isolation ]; then
+  echo "== engine in a worker process (default) vs in the server process (--engine-isolation none)"
+  $OBTAIN serve --port 8101 --engine llama.cpp --logs-dir "$OUT/logs" > "$OUT/ours.log" 2>&1 &
+  pids+=($!)
+  $OBTAIN serve --port 8104 --engine llama.cpp --engine-isolation none --logs-dir "$OUT/logs" \
+    > "$OUT/ours_in_process.log" 2>&1 &
+  pids+=($!)
+  wait_healthy http://127.0.0.1:8101 /health/ready
+  wait_healthy http://127.0.0.1:8104 /health/ready
+  bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8104 \
+    --concurrency 1,16 --max-tokens 128 --json "$OUT/isolation.json"
+  exit 0
+fi
 
 echo "== raw llama-cpp-python, in-process, one stream"
 $PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"

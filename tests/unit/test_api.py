@@ -245,3 +245,17 @@ def test_client_leaving_a_stream_cancels_the_generation():
             time.sleep(0.05)
         assert engine.running == 0
         assert engine.cancelled == 1
+
+
+def test_client_leaving_before_a_plain_answer_cancels_the_generation():
+    engine = ScriptedEngine(endless=True)
+    registry = ModelRegistry([ServedModel(id=MODEL, engine=engine)])
+    with uvicorn_thread(create_app(Settings(), registry=registry)) as base_url:
+        payload = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base_url}/v1/chat/completions", json=payload, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.running == 0
+        assert engine.cancelled == 1

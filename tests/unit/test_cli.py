@@ -32,3 +32,24 @@ def test_flags_become_settings_and_unset_flags_leave_defaults(monkeypatch, tmp_p
 def test_run_py_mode_flag_is_a_serve_option():
     args = build_parser().parse_args(["serve", "--mode", "dev"])
     assert args.mode == "dev"
+
+
+def test_production_flags_become_settings(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    argv = ["serve", "--api-key", "k1", "--api-key", "k2", "--cors-origin", "*", "--auth-metrics"]
+    argv += ["--max-queue", "4", "--request-timeout", "30", "--engine-isolation", "none"]
+    settings = settings_from(build_parser().parse_args(argv))
+    assert settings.api_keys == ["k1", "k2"]
+    assert settings.cors_origins == ["*"]
+    assert settings.auth_metrics is True
+    assert settings.auth_health is False
+    assert settings.max_queue == 4
+    assert settings.request_timeout == 30
+    assert settings.engine_isolation == "none"
+
+
+def test_api_keys_from_the_environment_are_comma_separated(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OBTAIN_API_KEYS", "sk-a, sk-b")
+    settings = settings_from(build_parser().parse_args(["serve"]))
+    assert settings.api_keys == ["sk-a", "sk-b"]

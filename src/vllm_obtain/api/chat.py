@@ -24,7 +24,13 @@ from vllm_obtain.api.protocol import (
     ChatResponseMessage,
     Usage,
 )
-from vllm_obtain.api.streaming import ResponseMeta, collect_choices, primed, sse_response
+from vllm_obtain.api.streaming import (
+    ResponseMeta,
+    collect_choices,
+    primed,
+    sse_response,
+    unless_client_leaves,
+)
 from vllm_obtain.core.requests import ChoiceDelta
 
 router = APIRouter(tags=["chat"])
@@ -45,7 +51,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     if body.stream:
         return sse_response(chat_chunks(await primed(deltas), meta, body.n, body.include_usage))
-    choices = await collect_choices(deltas, body.n)
+    choices = await unless_client_leaves(request, collect_choices(deltas, body.n))
     completion = ChatCompletion(
         id=meta.id,
         created=meta.created,

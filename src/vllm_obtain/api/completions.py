@@ -15,7 +15,13 @@ from vllm_obtain.api.dependencies import (
     stream_for,
 )
 from vllm_obtain.api.protocol import Completion, CompletionChoice, CompletionRequest
-from vllm_obtain.api.streaming import ResponseMeta, collect_choices, primed, sse_response
+from vllm_obtain.api.streaming import (
+    ResponseMeta,
+    collect_choices,
+    primed,
+    sse_response,
+    unless_client_leaves,
+)
 from vllm_obtain.core.requests import ChoiceDelta
 
 router = APIRouter(tags=["completions"])
@@ -38,7 +44,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
     if body.stream:
         return sse_response(completion_chunks(await primed(deltas), meta, body.include_usage))
-    choices = await collect_choices(deltas, count)
+    choices = await unless_client_leaves(request, collect_choices(deltas, count))
     completion = Completion(
         id=meta.id,
         created=meta.created,

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,6 +57,10 @@ class InvalidRequestError(OpenAIError):
 class NotFoundError(OpenAIError):
     status_code = 404
     error_type = "invalid_request_error"
+
+
+class ClientGoneError(Exception):
+    """The client closed the connection before its (non-streamed) answer was ready."""
 
 
 class AuthenticationError(OpenAIError):
@@ -151,6 +155,10 @@ def install_error_handlers(app: FastAPI) -> None:
             logger.opt(exception=exc).error("request failed: {}", exc)
         return error_response(error)
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        # Nobody is there to read it; 499 (nginx's "client closed request") is for the log.
+        return Response(status_code=499)
+
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         return error_response(validation_error(exc))
@@ -162,6 +170,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error.status_code = exc.status_code
         return error_response(error)
 
+    app.add_exception_handler(ClientGoneError, on_client_gone)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     for exc_type in (

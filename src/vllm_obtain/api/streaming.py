@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from loguru import logger
 from pydantic import BaseModel
 
-from vllm_obtain.api.errors import as_openai_error
+from vllm_obtain.api.errors import ClientGoneError, as_openai_error
 from vllm_obtain.api.protocol import Usage
 from vllm_obtain.core.requests import ChoiceDelta, FinishReason
 
+T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -56,6 +61,29 @@ async def collect_choices(deltas: AsyncIterator[ChoiceDelta], count: int) -> lis
             choice.finish_reason = delta.finish_reason
             choice.completion_tokens = delta.completion_tokens
     return choices
+
+
+async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first: a non-streamed request
+    whose client has gone stops generating, as a stream does."""
+    task = asyncio.ensure_future(work)
+
+    async def client_left() -> None:
+        # The body has been read: what receive() gives next is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(client_left())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientGoneError
+    return task.result()
 
 
 async def primed(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
