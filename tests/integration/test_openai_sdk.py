@@ -119,15 +119,14 @@ def test_stop_string_split_across_tokens_never_appears(client):
     assert [c.choices[0].finish_reason for c in stop_chunks if c.choices][-1] == "stop"
 
 
-def test_n_choices_are_indexed_distinct_and_reproducible(client):
+def test_n_choices_are_indexed_and_distinct(client):
+    # Not compared across two calls: the choices decode side by side, and whether they share a
+    # step depends on timing, which changes llama.cpp's kernels (README: Reproducibility). The
+    # seed + i of each choice is checked in tests/unit/test_api.py.
     params = {"model": MODEL, "messages": USER, "max_tokens": 12, "n": 2, "seed": 5}
     response = client.chat.completions.create(**params)
     assert [c.index for c in response.choices] == [0, 1]
     assert response.choices[0].message.content != response.choices[1].message.content
-    again = client.chat.completions.create(**params)
-    assert [c.message.content for c in again.choices] == [
-        c.message.content for c in response.choices
-    ]
 
 
 def test_penalties_change_the_answer(client):
