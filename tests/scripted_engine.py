@@ -7,13 +7,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
-from vllm_obtain.engines.base import EngineError
+from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk, TokenLogprob
+from vllm_obtain.engines.base import EngineError, EngineRequestError
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
+
+
+def scripted_logprobs(char: str, request: GenerationRequest) -> tuple[TokenLogprob, ...]:
+    """Each character is given logprob -1.0; the alternatives are "a", "b", ... at -2, -3, ..."""
+    if request.logprobs is None:
+        return ()
+    top = tuple((c.encode(), -2.0 - i) for i, c in enumerate("abcdefghijklmnopqrst"))
+    return (TokenLogprob(char.encode(), -1.0, top[: request.logprobs]),)
 
 
 class ScriptedEngine:
@@ -30,6 +38,8 @@ class ScriptedEngine:
         context_length: int = 256,
         max_running: int = 4,
         delay: float = 0.0,
+        supports: frozenset[str] = frozenset(),
+        refuse: EngineRequestError | None = None,
     ) -> None:
         self.reply = reply
         self.fail_after = fail_after  # raise EngineError after this many tokens
@@ -37,6 +47,8 @@ class ScriptedEngine:
         self.context_length = context_length
         self.max_running = max_running
         self.delay = delay  # seconds per token: keeps requests in flight for queueing tests
+        self.supported_params = ScriptedEngine.supported_params | supports
+        self.refuse = refuse  # raised before the first token, as an engine refuses a request
         self.running = 0
         self.cancelled = 0
         self.requests: list[GenerationRequest] = []
@@ -61,6 +73,8 @@ class ScriptedEngine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
         self.requests.append(request)
+        if self.refuse is not None:
+            raise self.refuse
         self.running += 1
         finished = False
         try:
@@ -77,7 +91,9 @@ class ScriptedEngine:
                 produced += 1
                 reason = "length" if produced >= request.max_tokens and not self.endless else None
                 finished = reason is not None
-                yield TokenChunk((ord(char),), char.encode(), reason)
+                yield TokenChunk(
+                    (ord(char),), char.encode(), reason, scripted_logprobs(char, request)
+                )
                 if finished:
                     return
         finally:

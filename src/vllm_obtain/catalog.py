@@ -36,6 +36,11 @@ def aliases() -> dict[str, str]:
     return {name: entry.get("description", "") for name, entry in load_catalog()["models"].items()}
 
 
+def embedding_aliases() -> dict[str, str]:
+    entries = load_catalog().get("embedding_models", {})
+    return {name: entry.get("description", "") for name, entry in entries.items()}
+
+
 def _local_path(name: str, models_dir: Path) -> Path | None:
     for candidate in (Path(name).expanduser(), models_dir / name, models_dir / f"{name}.gguf"):
         if candidate.is_file() or (candidate / "config.json").is_file():
@@ -117,9 +122,31 @@ def _from_catalog(
     return Path(snapshot_download(source["repo"], cache_dir=hub_cache))
 
 
+def resolve_embedding_model(name: str, *, models_dir: Path, cache_dir: Path) -> ResolvedModel:
+    """The GGUF file of embedding model `name`: an alias, a GGUF file, or a sentence-transformers
+    BERT directory (converted once)."""
+    from vllm_obtain.embedding_convert import bert_to_gguf
+
+    entry = load_catalog().get("embedding_models", {}).get(name)
+    if entry is not None:
+        folder = packaged_file(entry["package"], entry["dir"])
+        return ResolvedModel(id=name, path=bert_to_gguf(folder, cache_dir))
+    local = _local_path(name, models_dir)
+    if local is None:
+        known = ", ".join(sorted(load_catalog().get("embedding_models", {})))
+        raise ModelResolutionError(
+            f"unknown embedding model '{name}': not a file, not in {models_dir}/, "
+            f"not an alias ({known})"
+        )
+    model_id = local.stem.lower() if local.is_file() else local.name.lower()
+    return ResolvedModel(
+        id=model_id, path=local if local.is_file() else bert_to_gguf(local, cache_dir)
+    )
+
+
 def packaged_file(package: str, filename: str) -> Path:
-    """A data file inside an installed package, found without importing the package (the
-    embedded model's package imports a CLI we do not install)."""
+    """A data file (or folder) inside an installed package, found without importing the
+    package (the embedded model's package imports a CLI we do not install)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelResolutionError(
@@ -128,6 +155,6 @@ def packaged_file(package: str, filename: str) -> Path:
         )
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / filename
-        if candidate.is_file():
+        if candidate.exists():
             return candidate
     raise ModelResolutionError(f"'{filename}' is missing from the package '{package}'")

@@ -23,6 +23,10 @@ SERVE_FLAGS: dict[str, dict[str, Any]] = {
         "help": "inference engine (default auto: chosen from the hardware and the model)",
     },
     "--served-model-name": {"help": "model id clients use (default: the alias or file name)"},
+    "--embedding-model": {
+        "help": "embedding model for /v1/embeddings: alias, .gguf or BERT folder; 'none' for "
+        "none (default all-minilm-l6-v2)"
+    },
     "--ctx-size": {"type": int, "help": "context length in tokens (default: the model's own)"},
     "--threads": {"type": int, "help": "CPU threads (default: all cores)"},
     "--batch-size": {"type": int, "help": "llama.cpp: tokens per decoding step (default 512)"},

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_obtain.catalog import model_format, resolve_model
+from vllm_obtain.catalog import (
+    embedding_aliases,
+    model_format,
+    resolve_embedding_model,
+    resolve_model,
+)
+from vllm_obtain.core.embeddings import Embedder, EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.manager import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.engines.base import Engine
 from vllm_obtain.engines.supervisor import SupervisedEngine
@@ -65,6 +71,29 @@ def build_registry(settings: Settings, info: PlatformInfo | None = None) -> Mode
         limits=limits_from(settings),
     )
     return ModelRegistry([served])
+
+
+def build_embedding_models(settings: Settings) -> EmbeddingModels:
+    """The embedding model of the settings (none if 'none'), served by llama.cpp."""
+    name = settings.embedding_model
+    if name.lower() in ("", "none"):
+        return EmbeddingModels()
+
+    def weights() -> Path:
+        resolved = resolve_embedding_model(
+            name, models_dir=settings.models_dir, cache_dir=settings.cache_dir
+        )
+        return resolved.path
+
+    def make_embedder(path: Path) -> Embedder:
+        from vllm_obtain.engines.llama_cpp_embed import LlamaCppEmbedder
+
+        return LlamaCppEmbedder(path, threads=settings.threads)
+
+    model_id = (
+        name if name in embedding_aliases() else Path(name).name.removesuffix(".gguf").lower()
+    )
+    return EmbeddingModels([ServedEmbedder(model_id, weights, make_embedder)])
 
 
 def limits_from(settings: Settings) -> ServingLimits:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     )
     served_model_name: str | None = Field(None, description="id clients use; default: the alias")
     engine: Literal["auto", "llama.cpp", "vllm", "mlx"] = "auto"
+    embedding_model: str = Field(
+        "all-minilm-l6-v2", description="served at /v1/embeddings; 'none' to serve none"
+    )
     host: str = "127.0.0.1"
     port: int = 8001
     mode: Literal["dev", "prod"] = "prod"

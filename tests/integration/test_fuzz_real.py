@@ -1,12 +1,14 @@
-"""Bad-input fuzzing against the real llama.cpp engine: schemathesis requests, valid and
-invalid, from the server's own OpenAPI schema; none may get a 5xx. Completions are capped at 16
-tokens (--max-tokens-limit) so the valid ones stay quick."""
+"""Bad-input fuzzing against the real llama.cpp engine and embedding model: schemathesis
+requests, valid and invalid, from the server's own OpenAPI schema; none may get a 5xx.
+Completions are capped at 16 tokens (--max-tokens-limit) so the valid ones stay quick."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +16,22 @@ from hypothesis import strategies as st
 
 from tests.integration.conftest import MODEL, free_port, start_server
 
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")
+# Each route, with the model its requests are pointed at (or the model check stops them all).
+PATHS = {
+    "/v1/chat/completions": MODEL,
+    "/v1/completions": MODEL,
+    "/v1/embeddings": "all-minilm-l6-v2",
+}
+
+
+def wait_for_model(url: str, model: str) -> None:
+    """The embedding model loads beside the chat model; wait until it is listed too."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if model in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{model} never loaded")
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +40,11 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir: Path = tmp_path_factory.mktemp("fuzz")
     args = ["--engine", "llama.cpp", "--parallel", "4", "--max-tokens-limit", "16"]
     with start_server(workdir, args, free_port()) as base_url:
+        wait_for_model(base_url, PATHS["/v1/embeddings"])
         yield base_url
 
 
-@pytest.mark.parametrize("path", GENERATION_PATHS)
+@pytest.mark.parametrize("path", list(PATHS))
 def test_no_request_to_the_real_engine_gets_a_server_error(url, path):
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     operation = schema[path]["POST"]
@@ -40,7 +58,7 @@ def test_no_request_to_the_real_engine_gets_a_server_error(url, path):
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     def no_server_error(case):
         if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-            case.body["model"] = MODEL  # a served model, or generation would never be reached
+            case.body["model"] = PATHS[path]
         response = case.call(timeout=120)
         statuses.append(response.status_code)
         assert response.status_code < 500, f"{case.path}: {response.text[:500]}"

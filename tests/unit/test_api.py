@@ -85,13 +85,16 @@ def test_unknown_route_is_an_openai_envelope(client):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+            "tool_choice",
+        ),
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
     ],
 )
-def test_features_not_implemented_yet_are_refused_by_name_not_ignored(client, body, param):
+def test_features_the_engine_lacks_are_refused_by_name_not_ignored(client, body, param):
     assert_error(chat(client, **body), 400, param, "unsupported")
 
 
@@ -211,8 +214,8 @@ def test_completions_multiple_prompts_index_prompt_major(client):
     assert body["usage"]["prompt_tokens"] == 2
 
 
-def test_completions_refuse_echo_and_suffix_by_name(client):
-    for extra, param in (({"echo": True}, "echo"), ({"suffix": "x"}, "suffix")):
+def test_completions_refuse_suffix_and_echo_with_logprobs_by_name(client):
+    for extra, param in (({"echo": True, "logprobs": 0}, "echo"), ({"suffix": "x"}, "suffix")):
         response = client.post("/v1/completions", json={"model": MODEL, "prompt": "a", **extra})
         assert_error(response, 400, param, "unsupported")
 

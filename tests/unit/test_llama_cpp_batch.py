@@ -1,4 +1,5 @@
-from vllm_obtain.engines.llama_cpp_batch import client_seed_to_llama, shared_prefix
+from vllm_obtain.engines.llama_cpp_batch import shared_prefix
+from vllm_obtain.engines.llama_cpp_sampling import client_seed_to_llama
 
 
 def test_client_seeds_map_into_llama_cpp_range_and_never_mean_random():

@@ -11,14 +11,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from vllm_obtain import __version__
-from vllm_obtain.api import chat, completions, health, metrics, models
+from vllm_obtain.api import chat, completions, embeddings, health, metrics, models
 from vllm_obtain.api.access import ApiKeyMiddleware, BodyLimitMiddleware
 from vllm_obtain.api.errors import install_error_handlers
 from vllm_obtain.api.metrics import ServerMetrics
 from vllm_obtain.api.middleware import RequestContextMiddleware
+from vllm_obtain.core.embeddings import EmbeddingModels
 from vllm_obtain.core.manager import ModelRegistry
 from vllm_obtain.logs import configure_logging_for
-from vllm_obtain.serving import build_registry
+from vllm_obtain.serving import build_embedding_models, build_registry
 from vllm_obtain.settings import Settings
 
 
@@ -26,19 +27,26 @@ def create_app(
     settings: Settings,
     registry: ModelRegistry | None = None,
     *,
+    embedding_models: EmbeddingModels | None = None,
     on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the background once it starts, so health checks can see
     "loading" meanwhile; a model that fails to load calls `on_load_failure` (the CLI exits).
     Tests pass a registry of their own."""
-    registry = registry if registry is not None else build_registry(settings)
+    if registry is None:
+        registry = build_registry(settings)
+        embedding_models = embedding_models or build_embedding_models(settings)
+    embedding_models = embedding_models or EmbeddingModels()
 
     async def load() -> None:
+        # Embedding models load beside the chat models; one that fails only disables itself.
+        embeddings = asyncio.create_task(embedding_models.load_all())
         try:
             await registry.load_all()
         except Exception:  # logged by the registry; health now says which model failed
             if on_load_failure is not None:
                 on_load_failure()
+        await embeddings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,9 +58,11 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
             await registry.unload_all()
+            await embedding_models.unload_all()
 
     app = FastAPI(title="vllm-obtain", version=__version__, lifespan=lifespan)
     app.state.registry = registry
+    app.state.embedding_models = embedding_models
     app.state.settings = settings
     app.state.metrics = ServerMetrics(registry)
     install_error_handlers(app)
@@ -77,7 +87,7 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware, metrics=app.state.metrics, log_prompts=settings.log_prompts
     )
-    for module in (chat, completions, models, health, metrics):
+    for module in (chat, completions, embeddings, models, health, metrics):
         app.include_router(module.router)
     return app
 

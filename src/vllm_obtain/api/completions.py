@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -14,6 +14,8 @@ from vllm_obtain.api.dependencies import (
     served_model,
     stream_for,
 )
+from vllm_obtain.api.errors import InvalidRequestError
+from vllm_obtain.api.logprobs import completion_logprobs
 from vllm_obtain.api.protocol import Completion, CompletionChoice, CompletionRequest
 from vllm_obtain.api.streaming import (
     ResponseMeta,
@@ -22,7 +24,7 @@ from vllm_obtain.api.streaming import (
     sse_response,
     unless_client_leaves,
 )
-from vllm_obtain.core.requests import ChoiceDelta
+from vllm_obtain.core.requests import ChoiceDelta, FinishReason, TokenLogprob
 
 router = APIRouter(tags=["completions"])
 
@@ -39,27 +41,69 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     requests = plan_choices(request, model, prompts, body, body.max_tokens, prompt_param="prompt")
     meta = ResponseMeta.new("cmpl", model.id, sum(len(p) for p in prompts))
     count = len(requests)
+    shaping = ChoiceShaping(echoes(body), body.n, with_logprobs=body.logprobs is not None)
     deltas = stream_for(
         request, model, requests, body.stop_strings(), prompt_tokens=meta.prompt_tokens
     )
     if body.stream:
-        return sse_response(completion_chunks(await primed(deltas), meta, body.include_usage))
+        return sse_response(completion_chunks(await primed(deltas), meta, shaping, body))
     choices = await unless_client_leaves(request, collect_choices(deltas, count))
     completion = Completion(
         id=meta.id,
         created=meta.created,
         model=meta.model,
         choices=[
-            CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
-            for i, c in enumerate(choices)
+            shaping.choice(i, c.text, c.logprobs, c.finish_reason) for i, c in enumerate(choices)
         ],
         usage=meta.usage(sum(c.completion_tokens for c in choices)),
     )
     return JSONResponse(completion.model_dump(mode="json"))
 
 
+def echoes(body: CompletionRequest) -> list[str]:
+    """What each prompt's choices start with: the prompt itself under `echo`, else nothing."""
+    if not body.echo:
+        return [""] * len(body.prompts())
+    texts = body.prompts()
+    if not all(isinstance(t, str) for t in texts):
+        raise InvalidRequestError("'echo' needs the prompt as text, not token ids.", param="echo")
+    return [str(t) for t in texts]
+
+
+class ChoiceShaping:
+    """Builds each choice, plain or streamed: the echoed prompt before its first text, and
+    text offsets for its logprobs that count what was sent before."""
+
+    def __init__(self, echoes: list[str], n: int, *, with_logprobs: bool) -> None:
+        self._echoes, self._n, self._with_logprobs = echoes, n, with_logprobs
+        self._sent: dict[int, int] = {}  # choice index -> characters sent so far
+
+    def choice(
+        self,
+        index: int,
+        text: str,
+        logprobs: Sequence[TokenLogprob],
+        finish_reason: FinishReason | None,
+    ) -> CompletionChoice:
+        echo = ""
+        if index not in self._sent:
+            echo, self._sent[index] = self._echoes[index // self._n], 0
+        offset = self._sent[index] + len(echo)  # where this text's first token starts
+        self._sent[index] = offset + len(text)
+        text = echo + text
+        return CompletionChoice(
+            index=index,
+            text=text,
+            logprobs=completion_logprobs(logprobs, offset) if self._with_logprobs else None,
+            finish_reason=finish_reason,
+        )
+
+
 async def completion_chunks(
-    deltas: AsyncIterator[ChoiceDelta], meta: ResponseMeta, include_usage: bool
+    deltas: AsyncIterator[ChoiceDelta],
+    meta: ResponseMeta,
+    shaping: ChoiceShaping,
+    body: CompletionRequest,
 ) -> AsyncIterator[Completion]:
     completion_tokens = 0
     async for delta in deltas:
@@ -71,12 +115,10 @@ async def completion_chunks(
                 created=meta.created,
                 model=meta.model,
                 choices=[
-                    CompletionChoice(
-                        index=delta.index, text=delta.text, finish_reason=delta.finish_reason
-                    )
+                    shaping.choice(delta.index, delta.text, delta.logprobs, delta.finish_reason)
                 ],
             )
-    if include_usage:
+    if body.include_usage:
         yield Completion(
             id=meta.id,
             created=meta.created,

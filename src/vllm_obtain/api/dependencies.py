@@ -10,15 +10,16 @@ from fastapi import Request
 from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
 from vllm_obtain.api.protocol import SamplingFields
+from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.generation import (
     admitted,
     before_deadline,
     generate_choices,
     seeded_for_choice,
 )
-from vllm_obtain.core.manager import ModelRegistry, ServedModel
+from vllm_obtain.core.manager import ModelRegistry, ServedModel, UnknownModelError
 from vllm_obtain.core.prompts import PromptError, check_token_ids, plan_max_tokens
-from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest
+from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest, JsonOutput
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -39,11 +40,34 @@ def record_of(request: Request) -> RequestRecord:
     return record
 
 
+def embedding_models_of(request: Request) -> EmbeddingModels:
+    models: EmbeddingModels = getattr(request.app.state, "embedding_models", EmbeddingModels())
+    return models
+
+
 def served_model(request: Request, model_id: str) -> ServedModel:
     """The model a request names, noted on its record for the log line and metrics."""
+    if embedding_models_of(request).find(model_id) is not None:
+        raise InvalidRequestError(
+            f"'{model_id}' is an embedding model: use it with /v1/embeddings.", param="model"
+        )
     model = registry_of(request).get(model_id)
     record_of(request).model = model.id
     return model
+
+
+def embedding_model(request: Request, model_id: str) -> ServedEmbedder:
+    """The embedding model a request names (a generation model is a 400, not a 404)."""
+    record_of(request).model = model_id
+    model = embedding_models_of(request).find(model_id)
+    if model is not None:
+        return model
+    if model_id in {m.id for m in registry_of(request).all()}:
+        raise InvalidRequestError(
+            f"'{model_id}' generates text; /v1/embeddings needs an embedding model.",
+            param="model",
+        )
+    raise UnknownModelError(model_id)
 
 
 def note_prompt(request: Request, prompt: object) -> None:
@@ -96,12 +120,18 @@ def plan_choices(
     token_limit: int | None,
     *,
     prompt_param: str,
+    json_output: JsonOutput | None = None,
 ) -> list[tuple[int, GenerationRequest]]:
     """One GenerationRequest per choice: prompt p, choice j gets index p * n + j."""
     if not prompts:
         raise PromptError("The prompt is empty.", param=prompt_param)
     info = model.loaded_info
     sampling = body.sampling_params()
+    if any(not 0 <= token < info.vocab_size for token, _ in sampling.logit_bias):
+        raise InvalidRequestError(
+            f"logit_bias names a token id outside the vocabulary (0 to {info.vocab_size - 1}).",
+            param="logit_bias",
+        )
     request_id = request_id_of(request)
     planned = []
     for p, tokens in enumerate(prompts):
@@ -114,6 +144,13 @@ def plan_choices(
             max_prompt_tokens=model.limits.max_prompt_tokens,
             max_tokens_cap=model.limits.max_tokens,
         )
-        base = GenerationRequest(f"{request_id}-{p}", tuple(tokens), max_tokens, sampling)
+        base = GenerationRequest(
+            f"{request_id}-{p}",
+            tuple(tokens),
+            max_tokens,
+            sampling,
+            json_output,
+            logprobs=body.logprobs_count(),
+        )
         planned += [(p * body.n + j, seeded_for_choice(base, j)) for j in range(body.n)]
     return planned

@@ -20,7 +20,7 @@ from vllm_obtain.core.generation import GenerationTimeoutError
 from vllm_obtain.core.manager import QueueFullError, UnknownModelError
 from vllm_obtain.core.prompts import PromptError
 from vllm_obtain.core.templates import ChatTemplateError
-from vllm_obtain.engines.base import EngineError, EngineUnavailableError
+from vllm_obtain.engines.base import EngineError, EngineRequestError, EngineUnavailableError
 
 
 class OpenAIError(Exception):
@@ -143,6 +143,8 @@ def as_openai_error(exc: Exception) -> OpenAIError:
     if isinstance(exc, EngineUnavailableError):
         retry = {"Retry-After": str(exc.retry_after)}
         return ServiceUnavailableError(str(exc), code="engine_unavailable", headers=retry)
+    if isinstance(exc, EngineRequestError):
+        return InvalidRequestError(str(exc), param=exc.param, code="unsupported")
     if isinstance(exc, EngineError):
         return OpenAIError(f"The engine failed to generate: {exc}", code="engine_error")
     return OpenAIError("The server had an error while processing your request.")

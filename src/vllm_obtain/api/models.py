@@ -4,23 +4,29 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from vllm_obtain.api.dependencies import registry_of
+from vllm_obtain.api.dependencies import embedding_models_of, registry_of
 from vllm_obtain.api.protocol import ModelCard, ModelList
+from vllm_obtain.core.embeddings import ServedEmbedder
 from vllm_obtain.core.manager import ServedModel
 
 router = APIRouter(tags=["models"])
 
 
-def _card(model: ServedModel) -> ModelCard:
+def _card(model: ServedModel | ServedEmbedder) -> ModelCard:
     return ModelCard(id=model.id, created=model.created, owned_by=model.owned_by)
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(m) for m in registry_of(request).loaded()])
+    served: list[ServedModel | ServedEmbedder] = [*registry_of(request).loaded()]
+    served += [m for m in embedding_models_of(request).models if m.embedder is not None]
+    return ModelList(data=[_card(m) for m in served])
 
 
 # `:path` because model ids may contain slashes (Hugging Face repo names).
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    embedder = embedding_models_of(request).find(model_id)
+    if embedder is not None and embedder.embedder is not None:
+        return _card(embedder)
     return _card(registry_of(request).get(model_id))

@@ -8,11 +8,22 @@ clients (LangChain, n8n, Dify) send vendor extras.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from vllm_obtain.core.requests import SamplingParams
+from vllm_obtain.core.requests import JsonOutput, SamplingParams
+from vllm_obtain.core.tools import forced_call_schema
 
 
 def _is_none(value: object) -> bool:
@@ -40,10 +51,54 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+
+
+class FunctionDefinition(RequestModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters_are_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            check_json_schema(schema)
+        return schema
+
+
+class ToolDefinition(RequestModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionRef(RequestModel):
+    name: FunctionName
+
+
+class NamedToolChoice(RequestModel):
+    type: Literal["function"]
+    function: FunctionRef
+
+
+class CalledFunction(RequestModel):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(RequestModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # on assistant messages
+    tool_call_id: str | None = None  # on tool messages
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: a plain string `content`."""
@@ -57,10 +112,73 @@ class ChatMessage(RequestModel):
         }
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            # Hugging Face templates expect the arguments as a mapping, not JSON text.
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _json_or_text(c.function.arguments),
+                    },
+                }
+                for c in self.tool_calls
+            ]
         return message
 
 
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def check_json_schema(schema: dict[str, Any]) -> None:
+    try:
+        validator_for(schema).check_schema(schema)
+    except SchemaError as exc:
+        raise ValueError(f"invalid JSON schema: {exc.message}") from exc
+
+
 StopParam = str | Annotated[list[str], Field(max_length=16)] | None
+
+
+class JsonSchemaFormat(RequestModel):
+    name: Annotated[str, Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    # `schema` would shadow a BaseModel method; the JSON key is still "schema".
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _schema_is_valid(self) -> JsonSchemaFormat:
+        if self.json_schema is not None:
+            check_json_schema(self.json_schema)
+        return self
+
+
+class ResponseFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs 'json_schema'")
+        return self
+
+    def json_output(self) -> JsonOutput | None:
+        """The constraint this format puts on the output; None for plain text."""
+        if self.type == "text":
+            return None
+        schema = self.json_schema.json_schema if self.json_schema is not None else None
+        if schema is None:  # json_object, or a json_schema without a schema: any object
+            return JsonOutput()
+        return JsonOutput(json.dumps(schema))
 
 
 class SamplingFields(RequestModel):
@@ -79,7 +197,14 @@ class SamplingFields(RequestModel):
     user: str | None = None
     # Extension shared with vLLM and llama.cpp's server: generate exactly max_tokens tokens.
     ignore_eos: bool = False
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_as_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is not None and not all(key.isdigit() for key in bias):
+            raise ValueError("logit_bias keys must be token ids")
+        return bias
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
@@ -89,18 +214,26 @@ class SamplingFields(RequestModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())),
         )
 
     def sampling_params_set(self) -> set[str]:
         """The sampling params this request sets to something other than the default."""
         defaults = SamplingParams()
         given = self.sampling_params()
-        return {
+        given_set = {
             name
             for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
-                         "ignore_eos")
+                         "ignore_eos", "logit_bias")
             if getattr(given, name) != getattr(defaults, name)
         }  # fmt: skip
+        if self.logprobs_count() is not None:
+            given_set.add("logprobs")
+        return given_set
+
+    def logprobs_count(self) -> int | None:
+        """How many alternatives to report per token; None: no logprobs at all."""
+        return None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -113,8 +246,6 @@ class SamplingFields(RequestModel):
 
     def unsupported_param(self) -> str | None:
         """The first param whose requested behaviour this server does not implement."""
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
 
@@ -123,25 +254,67 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def unsupported_param(self) -> str | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs"
-        if self.tools:
-            return "tools"
-        if self.tool_choice not in (None, "none", "auto"):
-            return "tool_choice"
-        if self.response_format and self.response_format.get("type") != "text":
-            return "response_format"
-        return super().unsupported_param()
+    def json_output(self) -> JsonOutput | None:
+        if self.forced_tool_call():
+            choice = self.tool_choice
+            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            # A named function is called once; "required" may call several, unless told not to.
+            parallel = name is None and self.parallel_tool_calls is not False
+            schema = forced_call_schema(self.active_tools(), name, parallel=parallel)
+            return JsonOutput(json.dumps(schema), param="tool_choice")
+        return self.response_format.json_output() if self.response_format else None
+
+    def sampling_params_set(self) -> set[str]:
+        features = super().sampling_params_set()
+        if self.forced_tool_call():
+            features.add("tool_choice")  # forcing a call is a JSON constraint, as below
+        elif self.json_output() is not None:
+            features.add("response_format")
+        return features
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")  # as OpenAI says
+        return top
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_choice_problem(self) -> str | None:
+        """Why tool_choice cannot be honoured with these tools, if it cannot."""
+        choice = self.tool_choice
+        names = {t.function.name for t in self.tools or []}
+        if choice not in (None, "none", "auto") and not names:
+            return "tool_choice needs tools to choose from."
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            return f"tool_choice names '{choice.function.name}', which is not in tools."
+        if self.forced_tool_call() and self.json_format_asked():
+            return "A tool_choice that forces a call cannot be combined with response_format."
+        return None
+
+    def json_format_asked(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    def active_tools(self) -> list[dict[str, Any]]:
+        """The tools the model is offered (none under tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
 
 PromptParam = str | list[str] | list[int] | list[list[int]]
@@ -152,7 +325,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: int | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -164,16 +337,44 @@ class CompletionRequest(SamplingFields):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
 
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
+
     def unsupported_param(self) -> str | None:
-        if self.echo:
-            return "echo"
+        if self.echo and self.logprobs is not None:
+            return "echo"  # would need the prompt's logprobs, which no engine here reports
         if self.suffix:
             return "suffix"
-        if self.logprobs is not None:
-            return "logprobs"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of"
         return super().unsupported_param()
+
+
+EmbeddingInput = (
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=2048)]
+    | Annotated[list[int], Field(min_length=1)]
+    | Annotated[
+        list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=2048)
+    ]
+)
+
+
+class EmbeddingRequest(RequestModel):
+    model: str
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        """The input param as a list: texts, or token id lists."""
+        given = self.input
+        if isinstance(given, str):
+            return [given]
+        if all(isinstance(item, int) for item in given):
+            return [list(given)]  # type: ignore[arg-type]
+        return list(given)  # type: ignore[arg-type]
 
 
 # --- responses -----------------------------------------------------------------------------
@@ -185,16 +386,62 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: Annotated[list[ResponseToolCall] | None, OMIT_IF_NONE] = None
+
+
+class FunctionDelta(BaseModel):
+    name: Annotated[str | None, OMIT_IF_NONE] = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: Annotated[str | None, OMIT_IF_NONE] = None
+    type: Annotated[Literal["function"] | None, OMIT_IF_NONE] = None
+    function: FunctionDelta
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
@@ -210,12 +457,13 @@ class ChatCompletion(BaseModel):
 class ChatDelta(BaseModel):
     role: Annotated[Literal["assistant"] | None, OMIT_IF_NONE] = None
     content: Annotated[str | None, OMIT_IF_NONE] = None
+    tool_calls: Annotated[list[ToolCallDelta] | None, OMIT_IF_NONE] = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -231,7 +479,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -244,6 +492,24 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Annotated[Usage | None, OMIT_IF_NONE] = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32, as OpenAI sends
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):

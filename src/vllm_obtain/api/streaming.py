@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from vllm_obtain.api.errors import ClientGoneError, as_openai_error
 from vllm_obtain.api.protocol import Usage
-from vllm_obtain.core.requests import ChoiceDelta, FinishReason
+from vllm_obtain.core.requests import ChoiceDelta, FinishReason, TokenLogprob
 
 T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,6 +49,7 @@ class CollectedChoice:
     text: str = ""
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 async def collect_choices(deltas: AsyncIterator[ChoiceDelta], count: int) -> list[CollectedChoice]:
@@ -57,6 +58,7 @@ async def collect_choices(deltas: AsyncIterator[ChoiceDelta], count: int) -> lis
     async for delta in deltas:
         choice = choices[delta.index]
         choice.text += delta.text
+        choice.logprobs += delta.logprobs
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
             choice.completion_tokens = delta.completion_tokens

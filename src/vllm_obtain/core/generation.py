@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from vllm_obtain.core.manager import ServedModel
-from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest
+from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest, TokenLogprob
 from vllm_obtain.core.textstream import TextStream
 from vllm_obtain.engines.base import Engine
 
@@ -23,19 +23,24 @@ async def stream_choice(
     """Generate one choice; stop strings cut the text and end the generation early."""
     text = TextStream(stops)
     produced = 0
+    # Logprobs of tokens whose text is still held back travel with the text when it is sent.
+    logprobs: tuple[TokenLogprob, ...] = ()
     tokens = engine.generate(request)
     try:
         async for chunk in tokens:
             produced += len(chunk.token_ids)
+            logprobs += chunk.logprobs
             delta = text.feed(chunk.piece)
             if text.stopped:
-                yield ChoiceDelta(index, delta, "stop", produced)
+                yield ChoiceDelta(index, delta, "stop", produced, logprobs)
                 return
             if chunk.finish_reason is not None:
-                yield ChoiceDelta(index, delta + text.finish(), chunk.finish_reason, produced)
+                delta += text.finish()
+                yield ChoiceDelta(index, delta, chunk.finish_reason, produced, logprobs)
                 return
             if delta:
-                yield ChoiceDelta(index, delta, None, produced)
+                yield ChoiceDelta(index, delta, None, produced, logprobs)
+                logprobs = ()
     finally:
         # Closing the engine's stream is what cancels the generation (stop string, client gone).
         await tokens.aclose()  # type: ignore[attr-defined]

@@ -11,6 +11,7 @@ from loguru import logger
 
 from vllm_obtain.core.requests import ModelInfo
 from vllm_obtain.core.templates import ChatTemplateError, render_chat_prompt
+from vllm_obtain.core.tools import messages_with_tools, plain_messages, template_renders_tools
 from vllm_obtain.engines.base import Engine, EngineState, EngineUnavailableError
 
 
@@ -80,8 +81,13 @@ class ServedModel:
             raise RuntimeError(f"model {self.id} is not loaded")
         return self.info
 
-    async def chat_prompt_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Render a conversation with the model's own chat template and tokenize it."""
+    async def chat_prompt_tokens(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] = (),
+    ) -> list[int]:
+        """Render a conversation (and the tools offered) with the model's own chat template
+        and tokenize it."""
         info = self.loaded_info
         template = self.chat_template or info.chat_template
         if template is None:
@@ -89,8 +95,11 @@ class ServedModel:
                 f"The model '{self.id}' has no chat template; use /v1/completions, or serve it "
                 "with --chat-template."
             )
+        if not template_renders_tools(template):
+            messages = messages_with_tools(messages, tools) if tools else plain_messages(messages)
+            tools = ()
         prompt = render_chat_prompt(
-            template, messages, bos_token=info.bos_token, eos_token=info.eos_token
+            template, messages, bos_token=info.bos_token, eos_token=info.eos_token, tools=tools
         )
         # The template writes any BOS the model wants itself, as transformers assumes.
         return await self.engine.tokenize(prompt, add_special=False)

@@ -20,6 +20,17 @@ class SamplingParams:
     # Keep generating past end-of-sequence: fixed-length output for benchmarks (as vLLM's and
     # llama.cpp's own servers offer).
     ignore_eos: bool = False
+    # (token id, bias) pairs added to the logits before sampling, as OpenAI's logit_bias.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class JsonOutput:
+    """Constrain the output to JSON: any JSON object, or a value valid against `schema` (a JSON
+    Schema, as JSON text so that it crosses a process and keys a grammar cache as is)."""
+
+    schema: str | None = None
+    param: str = "response_format"  # the request field it came from, for errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +41,19 @@ class GenerationRequest:
     prompt_tokens: tuple[int, ...]
     max_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    json_output: JsonOutput | None = None
+    # Report each generated token's log-probability and this many most likely alternatives.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely alternatives
+    at its place (bytes, as a token may hold part of a UTF-8 character)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +67,7 @@ class TokenChunk:
     token_ids: tuple[int, ...]
     piece: bytes
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +89,4 @@ class ChoiceDelta:
     text: str
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind this text, when asked for

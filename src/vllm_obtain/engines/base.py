@@ -17,8 +17,22 @@ STANDARD_SAMPLING = frozenset(
 )
 
 
+# What an engine that can constrain its output to a JSON schema offers: response_format, and
+# tool_choice "required" or naming a function (a call is JSON of a known shape).
+CONSTRAINED_OUTPUT = frozenset({"response_format", "tool_choice"})
+
+
 class EngineError(RuntimeError):
     """The engine failed while serving a request; the request gets a 500, the server lives on."""
+
+
+class EngineRequestError(EngineError):
+    """The engine cannot do what this request asks (say, a JSON schema its grammar compiler
+    refuses): the request gets a 400 naming `param`; nothing else is affected."""
+
+    def __init__(self, message: str, *, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class EngineUnavailableError(EngineError):

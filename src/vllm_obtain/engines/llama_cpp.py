@@ -19,6 +19,7 @@ from loguru import logger
 
 from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
 from vllm_obtain.engines.base import (
+    CONSTRAINED_OUTPUT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
@@ -49,7 +50,7 @@ class LlamaCppEngine:
     """Serves one GGUF model; concurrent requests share each decoding step."""
 
     name = "llama.cpp"
-    supported_params = STANDARD_SAMPLING
+    supported_params = STANDARD_SAMPLING | CONSTRAINED_OUTPUT | {"logprobs", "logit_bias"}
     state: EngineState = "ready"
 
     def __init__(
@@ -116,6 +117,7 @@ class LlamaCppEngine:
             lib,
             internals,
             self._ctx,
+            vocab=vocab,
             n_vocab=n_vocab,
             pieces=pieces,
             is_eog=is_eog,

@@ -19,26 +19,16 @@ from __future__ import annotations
 
 import itertools
 import queue
-import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import SamplingParams, TokenChunk
+from vllm_obtain.core.requests import TokenChunk
+from vllm_obtain.engines.base import EngineRequestError
+from vllm_obtain.engines.llama_cpp_sampling import SequenceSampler
 from vllm_obtain.engines.worker_thread import Job
-
-# OpenAI's penalties count the text generated so far; llama.cpp looks back a fixed window.
-PENALTY_WINDOW = 64
-# llama.cpp reserves this seed value for "pick a random seed".
-_LLAMA_RANDOM_SEED = 0xFFFFFFFF
-
-
-def client_seed_to_llama(seed: int | None, fallback: int) -> int:
-    """Map an OpenAI seed (any int64, or none) to llama.cpp's uint32 sampler seed."""
-    value = (fallback if seed is None else seed) & 0xFFFFFFFF
-    return value - 1 if value == _LLAMA_RANDOM_SEED else value
 
 
 def shared_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
@@ -59,7 +49,7 @@ class Slot:
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
     next_token: int | None = None  # sampled, to be evaluated in the next step
-    sampler: Any = None
+    sampler: SequenceSampler | None = None
     reserved: int = 0  # KV cells held for this request: prompt + max_tokens
     produced: int = 0
     last_used: int = 0
@@ -78,6 +68,7 @@ class BatchScheduler:
         internals: Any,
         ctx: Any,
         *,
+        vocab: Any,
         n_vocab: int,
         pieces: list[bytes],
         is_eog: list[bool],
@@ -86,7 +77,7 @@ class BatchScheduler:
         batch_size: int,
     ) -> None:
         self._lib, self._internals, self._ctx = lib, internals, ctx
-        self._n_vocab, self._pieces, self._is_eog = n_vocab, pieces, is_eog
+        self._vocab, self._n_vocab, self._pieces, self._is_eog = vocab, n_vocab, pieces, is_eog
         self._kv_tokens, self._batch_size = kv_tokens, batch_size
         self._batch = lib.llama_batch_init(batch_size, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
@@ -156,7 +147,14 @@ class BatchScheduler:
             if not self._make_room(need, keep=slot):
                 return
             self.waiting.popleft()
-            self._start(slot, job)
+            try:
+                sampler = SequenceSampler(
+                    self._lib, self._internals, self._vocab, job.request, self._pieces
+                )
+            except EngineRequestError as exc:  # this request alone is refused
+                job.emit(exc)
+                continue
+            self._start(slot, job, sampler)
 
     def _make_room(self, need: int, *, keep: Slot) -> bool:
         """Evict the KV of idle slots, least recently used first, until `need` cells fit."""
@@ -168,7 +166,7 @@ class BatchScheduler:
             self._clear_cache(idle.pop(0))
         return True
 
-    def _start(self, slot: Slot, job: Job) -> None:
+    def _start(self, slot: Slot, job: Job, sampler: Any) -> None:
         prompt = list(job.request.prompt_tokens)
         # Whole chunks only (see the module docstring), and at least one prompt token must be
         # evaluated to get the logits for the first sample.
@@ -179,30 +177,11 @@ class BatchScheduler:
         slot.pending = prompt[reuse:]
         slot.job, slot.next_token, slot.produced = job, None, 0
         slot.reserved = len(prompt) + job.request.max_tokens
-        slot.sampler = self._make_sampler(job.request.sampling)
+        slot.sampler = sampler
         slot.last_used = next(self._clock)
         if reuse:
             self.prefix_tokens_reused += reuse
             logger.debug("request {} reuses {} cached prompt tokens", job.request.request_id, reuse)
-
-    def _make_sampler(self, sampling: SamplingParams) -> Any:
-        sampler = self._internals.LlamaSampler()
-        if sampling.presence_penalty or sampling.frequency_penalty:
-            sampler.add_penalties(
-                self._n_vocab,
-                PENALTY_WINDOW,
-                1.0,
-                sampling.frequency_penalty,
-                sampling.presence_penalty,
-            )
-        if sampling.temperature == 0:
-            sampler.add_greedy()
-        else:
-            sampler.add_top_p(sampling.top_p, 1)
-            sampler.add_temp(sampling.temperature)
-            # No seed: a fresh random one, so unseeded requests differ, across restarts too.
-            sampler.add_dist(client_seed_to_llama(sampling.seed, random.getrandbits(32)))
-        return sampler
 
     # --- one decoding step ----------------------------------------------------------------
 
@@ -236,7 +215,8 @@ class BatchScheduler:
             slot.cached.extend(tokens)
             slot.next_token = None
         for slot, index in sample_at:
-            token = self._lib.llama_sampler_sample(slot.sampler.sampler, self._ctx.ctx, index)
+            assert slot.sampler is not None  # every busy slot has one
+            token = slot.sampler.sample(self._ctx.ctx, index)
             self._accept(slot, token)
 
     def _add(self, slot: Slot, tokens: list[int], *, logits_last: bool) -> int:
@@ -262,7 +242,16 @@ class BatchScheduler:
             self._finish(slot)
             return
         out_of_room = slot.produced >= request.max_tokens
-        job.emit(TokenChunk((token,), self._pieces[token], "length" if out_of_room else None))
+        assert slot.sampler is not None
+        logprob = slot.sampler.last_logprob
+        job.emit(
+            TokenChunk(
+                (token,),
+                self._pieces[token],
+                "length" if out_of_room else None,
+                (logprob,) if logprob is not None else (),
+            )
+        )
         if out_of_room:
             self._finish(slot)
         else:

@@ -19,13 +19,21 @@ from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import GenerationRequest, ModelInfo, SamplingParams, TokenChunk
+from vllm_obtain.core.requests import (
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+)
 from vllm_obtain.engines.base import (
+    CONSTRAINED_OUTPUT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
     EngineState,
 )
+from vllm_obtain.engines.mlx_json import JsonGrammars
 from vllm_obtain.engines.worker_thread import Job, stream_job
 
 # OpenAI's penalties count what was generated so far; mlx-lm looks back a fixed window.
@@ -63,7 +71,7 @@ class MlxEngine:
     """Serves one Hugging Face-format (or mlx-community) model directory with mlx-lm."""
 
     name = "mlx"
-    supported_params = STANDARD_SAMPLING
+    supported_params = STANDARD_SAMPLING | CONSTRAINED_OUTPUT | {"logprobs", "logit_bias"}
     state: EngineState = "ready"
 
     def __init__(self, model_dir: Path, *, context_length: int = 0, max_batch: int = 32) -> None:
@@ -76,6 +84,8 @@ class MlxEngine:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._active = 0
+        self._grammars: JsonGrammars | None = None  # made on the first JSON request
+        self._pieces: list[bytes] | None = None
 
     async def load(self) -> ModelInfo:
         try:
@@ -153,7 +163,7 @@ class MlxEngine:
                 except Exception as exc:  # refused by mlx-lm: this request fails, others go on
                     job.emit(exc)
                     continue
-                running[uid] = _Sequence(job, self._tokenizer.detokenizer)
+                running[uid] = _Sequence(job, self._untrimmed_detokenizer())
             gone = [uid for uid, seq in running.items() if seq.job.cancelled.is_set()]
             if gone:
                 generator.remove(gone)
@@ -196,11 +206,15 @@ class MlxEngine:
 
         sampling = job.request.sampling
         processors = make_logits_processors(
+            logit_bias=dict(sampling.logit_bias) or None,
             presence_penalty=sampling.presence_penalty or None,
             presence_context_size=PENALTY_WINDOW,
             frequency_penalty=sampling.frequency_penalty or None,
             frequency_context_size=PENALTY_WINDOW,
         )
+        if job.request.json_output is not None:
+            # Last, so that it masks whatever the penalties left.
+            processors.append(self._json_grammars().processor(job.request.json_output))
         uid: int = generator.insert(
             [list(job.request.prompt_tokens)],
             max_tokens=[job.request.max_tokens],
@@ -209,6 +223,23 @@ class MlxEngine:
             stop_sequences=[no_stop] if sampling.ignore_eos else None,
         )[0]
         return uid
+
+    def _untrimmed_detokenizer(self) -> Any:
+        """mlx-lm's detokenizers drop the leading space of the first token, as a chat window
+        wants; an API must keep it ("The capital of France is" -> " Paris")."""
+        detokenizer = self._tokenizer.detokenizer
+        if hasattr(detokenizer, "trim_space"):  # SentencePiece
+            detokenizer.trim_space = False
+        if hasattr(detokenizer, "_maybe_trim_space"):  # byte-level BPE
+            detokenizer._maybe_trim_space = lambda text: text
+        return detokenizer
+
+    def _json_grammars(self) -> JsonGrammars:
+        if self._grammars is None:
+            self._grammars = JsonGrammars(
+                self._tokenizer._tokenizer, sorted(self._tokenizer.eos_token_ids)
+            )
+        return self._grammars
 
     def _emit(self, running: dict[int, _Sequence], response: Any, eos: list[int]) -> None:
         seq = running.get(response.uid)
@@ -225,7 +256,32 @@ class MlxEngine:
         if reason is not None:
             seq.detokenizer.finalize()
         piece = seq.detokenizer.last_segment.encode()
-        seq.job.emit(TokenChunk((token,), piece, "length" if reason == "length" else reason))
+        top = seq.job.request.logprobs
+        logprobs = (self._logprob(response.logprobs, token, top),) if top is not None else ()
+        finish: Any = "length" if reason == "length" else reason
+        seq.job.emit(TokenChunk((token,), piece, finish, logprobs))
+
+    def _logprob(self, log_probs: Any, token: int, top: int) -> TokenLogprob:
+        """mlx-lm's log-probabilities are taken after the logits processors (penalties, bias,
+        JSON mask): what the sampler chose from."""
+        import mlx.core as mx
+
+        pieces = self._token_pieces()
+        best: list[int] = []
+        if top:
+            ids: Any = mx.argpartition(-log_probs, top - 1)[:top].tolist()
+            best = [int(t) for t in ids]
+        values = log_probs[mx.array([token, *best])].tolist()
+        ranked = sorted(zip(best, values[1:], strict=True), key=lambda pair: -pair[1])
+        return TokenLogprob(pieces[token], values[0], tuple((pieces[t], v) for t, v in ranked))
+
+    def _token_pieces(self) -> list[bytes]:
+        """Each token's text on its own (made once, on the first request for logprobs)."""
+        if self._pieces is None:
+            decode = self._tokenizer._tokenizer.decode
+            size = len(self._tokenizer._tokenizer)
+            self._pieces = [decode([t]).encode() for t in range(size)]
+        return self._pieces
 
 
 class _Shutdown(Exception):

@@ -30,6 +30,7 @@ from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
 from vllm_obtain.engines.base import (
     STANDARD_SAMPLING,
     EngineError,
+    EngineRequestError,
     EngineState,
     EngineUnavailableError,
 )
@@ -248,7 +249,8 @@ class SupervisedEngine:
             if call is not None and not call.done():
                 call.set_result(message[2])
         elif kind == "failed":
-            error = EngineError(message[2])
+            _, _, text, param = message
+            error = EngineRequestError(text, param=param) if param else EngineError(text)
             if (stream := self._streams.get(message[1])) is not None:
                 stream.put_nowait(error)
             elif (call := self._calls.get(message[1])) is not None and not call.done():

@@ -8,6 +8,7 @@ incomplete UTF-8), so this module only translates requests and outputs.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -16,11 +17,13 @@ from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
+from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk, TokenLogprob
 from vllm_obtain.engines.base import (
+    CONSTRAINED_OUTPUT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
+    EngineRequestError,
     EngineState,
 )
 
@@ -29,7 +32,7 @@ class VllmEngine:
     """Serves one Hugging Face-format model directory with vLLM's AsyncLLM."""
 
     name = "vllm"
-    supported_params = STANDARD_SAMPLING
+    supported_params = STANDARD_SAMPLING | CONSTRAINED_OUTPUT | {"logprobs", "logit_bias"}
     state: EngineState = "ready"
     max_running = 256  # vLLM's default max_num_seqs; read from its config once loaded
 
@@ -106,6 +109,9 @@ class VllmEngine:
             seed=s.seed,
             ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=_structured_outputs(request),
+            logprobs=request.logprobs,
+            logit_bias=dict(s.logit_bias) or None,
         )
         prompt: Any = {"prompt_token_ids": list(request.prompt_tokens)}  # vLLM's TokensPrompt
         # Request ids must be unique inside vLLM, even when a client reuses X-Request-ID.
@@ -120,14 +126,51 @@ class VllmEngine:
                     tuple(completion.token_ids),
                     completion.text.encode("utf-8"),
                     _finish_reason(reason) if output.finished else None,
+                    _token_logprobs(completion, request.logprobs),
                 )
         except EngineError:
             raise
+        except ValueError as exc:  # vLLM's input checks, e.g. a schema its backend refuses
+            if request.json_output is None:
+                raise EngineError(f"vLLM refused the request: {exc}") from exc
+            raise EngineRequestError(
+                f"vLLM cannot enforce this JSON constraint: {exc}",
+                param=request.json_output.param,
+            ) from exc
         except Exception as exc:  # vLLM's own errors (engine dead, bad request) end here
             raise EngineError(f"vLLM failed: {exc}") from exc
         finally:
             self._running -= 1
             await outputs.aclose()  # aborts the request inside vLLM if it is still running
+
+
+def _structured_outputs(request: GenerationRequest) -> Any:
+    """vLLM's structured outputs for a JSON constraint (its guided-decoding backends)."""
+    if request.json_output is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if request.json_output.schema is None:
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=json.loads(request.json_output.schema))
+
+
+def _token_logprobs(completion: Any, top: int | None) -> tuple[TokenLogprob, ...]:
+    """vLLM's per-token {token id: Logprob} maps: the sampled token, and the top ones by rank."""
+    if top is None or not completion.logprobs:
+        return ()
+    entries = []
+    for token, ranked in zip(completion.token_ids, completion.logprobs, strict=False):
+        chosen = ranked[token]
+        best = sorted((lp for lp in ranked.values() if lp.rank <= top), key=lambda lp: lp.rank)
+        entries.append(
+            TokenLogprob(
+                (chosen.decoded_token or "").encode(),
+                chosen.logprob,
+                tuple(((lp.decoded_token or "").encode(), lp.logprob) for lp in best[:top]),
+            )
+        )
+    return tuple(entries)
 
 
 def _finish_reason(reason: str | None) -> Any:

@@ -9,7 +9,7 @@ Messages are tuples, pickled into length-prefixed frames; both ends are this pac
     server -> engine: ("start", engine_name, model_path, settings), ("generate", sid, request),
                       ("cancel", sid), ("tokenize", sid, text, add_special), ("shutdown",)
     engine -> server: ("ready", info, supported_params, max_running), ("load_failed", message),
-                      ("chunk", sid, chunk), ("failed", sid, message), ("tokens", sid, ids),
+                      ("chunk", sid, chunk), ("failed", sid, message, param), ("tokens", sid, ids),
                       ("stats", stats), ("log", level, message)
 """
 
@@ -132,7 +132,7 @@ async def serve(
                 async for chunk in chunks:
                     send(("chunk", sid, chunk))
         except Exception as exc:
-            send(("failed", sid, str(exc)))
+            send(("failed", sid, str(exc), getattr(exc, "param", None)))
         finally:
             tasks.pop(sid, None)
             send(("stats", engine.stats()))  # fresh figures as soon as a request ends
@@ -141,7 +141,7 @@ async def serve(
         try:
             send(("tokens", sid, await engine.tokenize(text, add_special=add_special)))
         except Exception as exc:
-            send(("failed", sid, str(exc)))
+            send(("failed", sid, str(exc), None))
 
     async def heartbeat() -> None:
         while True:
