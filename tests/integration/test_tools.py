@@ -58,6 +58,7 @@ def test_streamed_tool_call_reassembles_into_the_same_call(client):
         stream=True, parallel_tool_calls=False,
     )  # fmt: skip
     calls: dict[int, dict] = {}
+    fragments = 0
     finish = None
     for chunk in stream:
         if not chunk.choices:
@@ -67,12 +68,15 @@ def test_streamed_tool_call_reassembles_into_the_same_call(client):
             call = calls.setdefault(part.index, {"id": None, "name": None, "arguments": ""})
             call["id"] = part.id or call["id"]
             call["name"] = (part.function.name if part.function else None) or call["name"]
-            call["arguments"] += (part.function.arguments or "") if part.function else ""
+            if part.function and part.function.arguments:
+                call["arguments"] += part.function.arguments
+                fragments += 1
         finish = choice.finish_reason or finish
     assert finish == "tool_calls"
     (call,) = calls.values()
     assert call["name"] == "get_weather" and call["id"].startswith("call_")
     jsonschema.validate(json.loads(call["arguments"]), WEATHER_PARAMS)
+    assert fragments > 3  # the arguments arrive as they are generated, not in one piece
 
 
 def test_tool_results_in_the_history_get_an_answer(client):

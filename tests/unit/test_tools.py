@@ -7,12 +7,14 @@ import pytest
 
 from tests.api_helpers import chat, make_client, sse_events
 from tests.scripted_engine import ScriptedEngine
-from vllm_obtain.core.tools import (
+from vllm_obtain.core.tool_stream import (
+    CallEvent,
+    ForcedCallReader,
+    JsonValueScanner,
     TaggedCallReader,
-    forced_call_schema,
-    messages_with_tools,
-    template_renders_tools,
+    assemble,
 )
+from vllm_obtain.core.tools import forced_call_schema, messages_with_tools, template_renders_tools
 
 WEATHER = {
     "type": "function",
@@ -34,19 +36,20 @@ def scripted(reply: str = "Hello", **options) -> ScriptedEngine:
     return ScriptedEngine(reply, context_length=4096, **options)  # room for the tools prompt
 
 
-def read_all(text: str, step: int) -> tuple[str, list]:
-    reader, content, calls = TaggedCallReader(), "", []
+def read_all(reader, text: str, step: int) -> tuple[str, list[CallEvent]]:
+    content, events = "", []
     for i in range(0, len(text), step):
         piece, found = reader.feed(text[i : i + step])
-        content, calls = content + piece, calls + found
+        content, events = content + piece, events + found
     rest, found = reader.finish()
-    return content + rest, calls + found
+    return content + rest, events + found
 
 
 @pytest.mark.parametrize("step", [1, 3, 1000])
 def test_tagged_calls_are_cut_out_of_the_text_however_it_is_streamed(step):
-    content, calls = read_all(f"Let me check.{CALL}{CALL}", step)
+    content, events = read_all(TaggedCallReader(), f"Let me check.{CALL}{CALL}", step)
     assert content == "Let me check."
+    calls = assemble(events)
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"}),
         ("get_weather", {"city": "Paris"}),
@@ -54,11 +57,57 @@ def test_tagged_calls_are_cut_out_of_the_text_however_it_is_streamed(step):
     assert calls[0].id != calls[1].id and calls[0].id.startswith("call_")
 
 
+def test_a_call_streams_its_name_first_then_its_arguments_in_pieces():
+    _, events = read_all(TaggedCallReader(), CALL, 2)
+    assert events[0].call_id and events[0].name == "get_weather" and events[0].position == 0
+    fragments = [e.arguments for e in events[1:]]
+    assert len(fragments) > 3 and "".join(fragments) == '{"city": "Paris"}'
+
+
 def test_a_block_that_is_not_a_call_stays_text_and_an_unclosed_call_still_counts():
-    assert read_all("<tool_call>not json</tool_call>", 2) == ("<tool_call>not json</tool_call>", [])
-    content, calls = read_all('<tool_call>{"name": "f", "arguments": {}}', 4)
-    assert content == "" and calls[0].name == "f" and calls[0].arguments == "{}"
-    assert read_all("a < b <tool", 1) == ("a < b <tool", [])
+    bad = "<tool_call>not json</tool_call>"
+    assert read_all(TaggedCallReader(), bad, 2) == (bad, [])
+    content, events = read_all(TaggedCallReader(), '<tool_call>{"name": "f", "arguments": {}}', 4)
+    (call,) = assemble(events)
+    assert content == "" and call.name == "f" and call.arguments == "{}"
+    assert read_all(TaggedCallReader(), "a < b <tool", 1) == ("a < b <tool", [])
+
+
+def test_a_call_written_arguments_first_is_read_whole_when_it_closes():
+    text = '<tool_call>{"arguments": {"x": 1}, "name": "f"}</tool_call>'
+    _, events = read_all(TaggedCallReader(), text, 5)
+    (call,) = assemble(events)
+    assert call.name == "f" and json.loads(call.arguments) == {"x": 1}
+
+
+@pytest.mark.parametrize("step", [1, 7, 1000])
+def test_forced_answers_stream_each_call_of_a_list(step):
+    text = ('[{"name": "get_weather", "arguments": {"city": "Oslo, \\"NO\\"}"}},'
+            ' {"name": "get_time", "arguments": {"tz": [1, {"a": "}"}]}}]')  # fmt: skip
+    reader = ForcedCallReader()
+    content, events = read_all(reader, text, step)
+    calls = assemble(events)
+    assert content == "" and reader.calls == 2
+    assert [c.name for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0].arguments) == {"city": 'Oslo, "NO"}'}
+    assert json.loads(calls[1].arguments) == {"tz": [1, {"a": "}"}]}
+
+
+def test_a_forced_answer_cut_short_is_given_back_as_text():
+    reader = ForcedCallReader()
+    content, events = read_all(reader, '{"arguments": {"ci', 4)
+    assert content == '{"arguments": {"ci' and events == [] and reader.calls == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [('{"a": "}"} tail', '{"a": "}"}'), ("[1, [2]] x", "[1, [2]]"), ("12, ", "12"),
+     ('"s\\"" ', '"s\\""'), ("true}", "true")],
+)  # fmt: skip
+def test_the_scanner_finds_where_a_json_value_ends(text, value):
+    scanner = JsonValueScanner()
+    used = sum(scanner.scan(char) for char in text)  # one character at a time
+    assert scanner.done and text[:used] == value
 
 
 def test_templates_without_tools_get_them_in_the_system_prompt():

@@ -39,7 +39,13 @@ from vllm_obtain.api.streaming import (
     unless_client_leaves,
 )
 from vllm_obtain.core.requests import ChoiceDelta
-from vllm_obtain.core.tools import CallReader, ForcedCallReader, TaggedCallReader, ToolCall
+from vllm_obtain.core.tool_stream import (
+    CallEvent,
+    CallReader,
+    ForcedCallReader,
+    TaggedCallReader,
+    assemble,
+)
 
 router = APIRouter(tags=["chat"])
 
@@ -86,7 +92,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 class ChatShaping:
     """What a choice's text becomes for the client: content, tool calls read out of it, and
-    the logprobs when asked for."""
+    the logprobs when asked for. The plain answer and the stream read calls the same way."""
 
     def __init__(self, body: ChatCompletionRequest, *, offers_tools: bool) -> None:
         self.with_logprobs = body.logprobs_count() is not None
@@ -94,53 +100,57 @@ class ChatShaping:
         self._offers_tools = offers_tools
         self._readers: dict[int, CallReader] = {}
 
-    def reader(self, index: int) -> CallReader | None:
+    def read(self, index: int, text: str, *, last: bool) -> tuple[str, list[CallEvent]]:
+        """Content and call events in the next piece of choice `index`'s text."""
         if not self._offers_tools:
-            return None
+            return text, []
         if index not in self._readers:
             self._readers[index] = ForcedCallReader() if self._forced else TaggedCallReader()
-        return self._readers[index]
+        reader = self._readers[index]
+        content, events = reader.feed(text)
+        if last:
+            rest, more = reader.finish()
+            content, events = content + rest, events + more
+        return content, events
+
+    def called(self, index: int) -> bool:
+        reader = self._readers.get(index)
+        return reader is not None and reader.calls > 0
 
     def choice(self, index: int, collected: CollectedChoice) -> ChatChoice:
-        content, calls = collected.text, list[ToolCall]()
-        if (reader := self.reader(index)) is not None:
-            content, calls = reader.feed(collected.text)
-            rest, more = reader.finish()
-            content, calls = content + rest, calls + more
+        content, events = self.read(index, collected.text, last=True)
+        calls = assemble(events)
         message = ChatResponseMessage(
             content=content or (None if calls else ""),
-            tool_calls=[response_tool_call(c) for c in calls] or None,
+            tool_calls=[
+                ResponseToolCall(
+                    id=c.id, function=ResponseFunction(name=c.name, arguments=c.arguments)
+                )
+                for c in calls
+            ]
+            or None,
         )
         return ChatChoice(
             index=index,
             message=message,
             logprobs=chat_logprobs(collected.logprobs) if self.with_logprobs else None,
-            finish_reason=finish_reason(collected.finish_reason, bool(calls)),
+            finish_reason=self.finish_reason(index, collected.finish_reason),
         )
 
-
-def finish_reason(reason: str | None, called: bool) -> str | None:
-    return "tool_calls" if called and reason == "stop" else reason
-
-
-def response_tool_call(call: ToolCall) -> ResponseToolCall:
-    return ResponseToolCall(
-        id=call.id, function=ResponseFunction(name=call.name, arguments=call.arguments)
-    )
+    def finish_reason(self, index: int, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.called(index) else reason
 
 
-def tool_call_deltas(position: int, call: ToolCall) -> list[ToolCallDelta]:
-    """A call as OpenAI streams it: id and name first, then the arguments (clients join the
-    argument fragments; ours come whole, once the call is complete)."""
-    return [
-        ToolCallDelta(
-            index=position,
-            id=call.id,
+def tool_call_delta(event: CallEvent) -> ToolCallDelta:
+    """A call event as OpenAI streams it: id, type and name first, then argument fragments."""
+    if event.call_id is not None:
+        return ToolCallDelta(
+            index=event.position,
+            id=event.call_id,
             type="function",
-            function=FunctionDelta(name=call.name, arguments=""),
-        ),
-        ToolCallDelta(index=position, function=FunctionDelta(arguments=call.arguments)),
-    ]
+            function=FunctionDelta(name=event.name, arguments=event.arguments),
+        )
+    return ToolCallDelta(index=event.position, function=FunctionDelta(arguments=event.arguments))
 
 
 async def chat_chunks(
@@ -161,28 +171,21 @@ async def chat_chunks(
 
     for index in range(n):
         yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
-    calls_sent: dict[int, int] = {}  # choice index -> tool calls streamed so far
     completion_tokens = 0
     async for delta in deltas:
         index = delta.index
-        text, calls = delta.text, list[ToolCall]()
-        if (reader := shaping.reader(index)) is not None:
-            text, calls = reader.feed(delta.text)
-            if delta.finish_reason is not None:
-                rest, more = reader.finish()
-                text, calls = text + rest, calls + more
+        last = delta.finish_reason is not None
+        text, events = shaping.read(index, delta.text, last=last)
         if text:
             logprobs = chat_logprobs(delta.logprobs) if shaping.with_logprobs else None
             content = ChatDelta(content=text)
             yield chunk([ChatChunkChoice(index=index, delta=content, logprobs=logprobs)])
-        for call in calls:
-            position = calls_sent.get(index, 0)
-            calls_sent[index] = position + 1
-            for part in tool_call_deltas(position, call):
-                yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=[part]))])
-        if delta.finish_reason is not None:
+        for event in events:
+            call = ChatDelta(tool_calls=[tool_call_delta(event)])
+            yield chunk([ChatChunkChoice(index=index, delta=call)])
+        if last:
             completion_tokens += delta.completion_tokens
-            reason = finish_reason(delta.finish_reason, index in calls_sent)
+            reason = shaping.finish_reason(index, delta.finish_reason)
             yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
     if include_usage:
         yield chunk([], usage=meta.usage(completion_tokens))

@@ -8,23 +8,21 @@ system prompt in that same format (as llama.cpp and Ollama do for such models).
 
 With tool_choice "required" or a named function, the output is constrained to JSON (a list of
 calls, or one call) by the engine's grammar, so a call always comes back and always parses.
+Reading the calls back out of the text, as it streams, is core.tool_stream's job.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import jinja2
 import jinja2.meta
 
-from vllm_obtain.core.textstream import stop_prefix_overlap
+from vllm_obtain.core.tool_stream import CLOSE, OPEN
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 8
 
 TOOLS_PROMPT = """# Tools
@@ -41,20 +39,6 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A call the model made: `arguments` is JSON text, as OpenAI sends it."""
-
-    id: str
-    name: str
-    arguments: str
-
-
-def new_call(name: str, arguments: Any) -> ToolCall:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, text)
 
 
 @functools.lru_cache(maxsize=16)
@@ -123,98 +107,3 @@ def forced_call_schema(
         return call
     # Bounded, so that a small model repeating itself ends rather than running to max_tokens.
     return {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}
-
-
-def calls_from_json(text: str) -> list[ToolCall]:
-    """The calls in a constrained answer (see forced_call_schema)."""
-    value = json.loads(text)
-    items = value if isinstance(value, list) else [value]
-    return [new_call(item["name"], item["arguments"]) for item in items]
-
-
-def _parse_call(body: str) -> ToolCall | None:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    return new_call(value["name"], value.get("arguments", {}))
-
-
-class TaggedCallReader:
-    """Splits streamed text into content and `<tool_call>` blocks, for tool_choice "auto".
-
-    Text that may be the start of `<tool_call>` is held back (as stop strings are), so a call's
-    markup never reaches the client as content. A block that is not a valid call is given back
-    as content.
-    """
-
-    def __init__(self) -> None:
-        self._pending = ""
-        self._in_call = False
-        self.calls: list[ToolCall] = []
-
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """Add generated text; return the content that is now safe and any calls completed."""
-        self._pending += text
-        content, calls = "", list[ToolCall]()
-        while True:
-            if self._in_call:
-                end = self._pending.find(CLOSE)
-                if end == -1:
-                    return content, calls
-                body, self._pending = self._pending[:end], self._pending[end + len(CLOSE) :]
-                self._in_call = False
-                call = _parse_call(body)
-                if call is None:
-                    content += OPEN + body + CLOSE
-                else:
-                    calls.append(call)
-                    self.calls.append(call)
-                continue
-            start = self._pending.find(OPEN)
-            if start == -1:
-                keep = stop_prefix_overlap(self._pending, [OPEN])
-                cut = len(self._pending) - keep
-                content += self._pending[:cut]
-                self._pending = self._pending[cut:]
-                return content, calls
-            content += self._pending[:start]
-            self._pending = self._pending[start + len(OPEN) :]
-            self._in_call = True
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """The text ended: a call left unclosed still counts if it parses (models often stop
-        right after the JSON)."""
-        rest, self._pending = self._pending, ""
-        if not self._in_call:
-            return rest, []
-        call = _parse_call(rest)
-        if call is None:
-            return OPEN + rest, []
-        self.calls.append(call)
-        return "", [call]
-
-
-class ForcedCallReader:
-    """For tool_choice "required" or a named function: the whole answer is JSON calls (the
-    engine's grammar saw to it), read when it ends."""
-
-    def __init__(self) -> None:
-        self._text = ""
-        self.calls: list[ToolCall] = []
-
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        self._text += text
-        return "", []
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        try:
-            self.calls = calls_from_json(self._text)
-        except (ValueError, KeyError, TypeError):  # cut short by max_tokens: not JSON yet
-            return self._text, []
-        return "", self.calls
-
-
-CallReader = TaggedCallReader | ForcedCallReader
