@@ -14,9 +14,12 @@ from vllm_obtain.catalog import (
 from vllm_obtain.core.embeddings import Embedder, EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.manager import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.engines.base import Engine
-from vllm_obtain.engines.supervisor import SupervisedEngine
+from vllm_obtain.engines.supervisor import SupervisedEmbedder, SupervisedEngine
 from vllm_obtain.platform import PlatformInfo, choose_engine, detect_platform
 from vllm_obtain.settings import Settings
+
+# The embedding model's engine, by the name the worker process builds it by.
+EMBEDDING_ENGINE = "llama.cpp-embeddings"
 
 
 def create_engine(name: str, model_path: Path, settings: Settings) -> Engine:
@@ -42,6 +45,10 @@ def create_engine(name: str, model_path: Path, settings: Settings) -> Engine:
             engine_args=settings.vllm_args,
             cpu_kv_cache_gib=settings.kv_cache_gib,
         )
+    if name == EMBEDDING_ENGINE:
+        from vllm_obtain.engines.llama_cpp_embed import LlamaCppEmbedder
+
+        return LlamaCppEmbedder(model_path, threads=settings.threads)  # type: ignore[return-value]
     if name == "mlx":
         from vllm_obtain.engines.mlx import MlxEngine
 
@@ -86,9 +93,15 @@ def build_embedding_models(settings: Settings) -> EmbeddingModels:
         return resolved.path
 
     def make_embedder(path: Path) -> Embedder:
-        from vllm_obtain.engines.llama_cpp_embed import LlamaCppEmbedder
-
-        return LlamaCppEmbedder(path, threads=settings.threads)
+        if settings.engine_isolation == "process":  # as the chat model: a crash is survived
+            return SupervisedEmbedder(
+                EMBEDDING_ENGINE,
+                path,
+                settings,
+                hang_timeout=settings.engine_hang_timeout,
+                max_restarts=settings.engine_max_restarts,
+            )
+        return create_engine(EMBEDDING_ENGINE, path, settings)  # type: ignore[return-value]
 
     model_id = (
         name if name in embedding_aliases() else Path(name).name.removesuffix(".gguf").lower()

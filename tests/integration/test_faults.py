@@ -122,6 +122,26 @@ def test_engine_segfault_mid_stream_fails_in_flight_requests_cleanly_then_recove
     assert 'vllm_obtain_engine_restarts_total{engine="llama.cpp"' in metrics
 
 
+def test_embedding_engine_crash_is_survived_and_it_restarts(url):
+    wait_ready(url)  # the embedding model too
+    pid = int(health(url)["embedding_models"][0]["pid"])
+    body = {"model": "all-minilm-l6-v2", "input": ["first"], "encoding_format": "float"}
+    assert httpx.post(f"{url}/v1/embeddings", json=body, timeout=60).status_code == 200
+    os.kill(pid, signal.SIGSEGV)
+    wait_for(lambda: health(url)["embedding_models"][0]["state"] != "ready", 10, "noticed")
+    meanwhile = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+    # Refused while it restarts (or served, if the restart already finished): never a 500.
+    assert meanwhile.status_code in (200, 503), meanwhile.text
+    if meanwhile.status_code == 503:
+        assert meanwhile.json()["error"]["code"] == "engine_unavailable"
+    assert_answers(url)  # the chat model never noticed
+    wait_ready(url)
+    restarted = health(url)["embedding_models"][0]
+    assert int(restarted["pid"]) != pid and restarted["restarts"] == 1
+    again = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+    assert again.status_code == 200 and len(again.json()["data"][0]["embedding"]) == 384
+
+
 def test_hung_engine_is_killed_and_restarted(url):
     wait_ready(url)
     pid = engine_pid(url)

@@ -144,3 +144,16 @@ def test_an_embedding_model_that_fails_to_load_is_a_503_and_chat_still_works():
         assert "no weights" in response.json()["error"]["message"]
         assert chat(client).status_code == 200
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [MODEL]
+
+
+def test_health_reports_the_embedding_model_and_a_failed_one_does_not_block_readiness():
+    with client_with(CountingEmbedder()) as client:
+        body = client.get("/health").json()
+        assert body["status"] == "ok"
+        assert body["embedding_models"][0]["id"] == EMBEDDER
+        assert body["embedding_models"][0]["state"] == "ready"
+    with client_with(CountingEmbedder(fail=True)) as client:
+        body = client.get("/health").json()
+        assert body["status"] == "degraded" and body["embedding_models"][0]["state"] == "failed"
+        assert client.get("/health/ready").status_code == 200
+        assert client.get("/health/live").status_code == 200

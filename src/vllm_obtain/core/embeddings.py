@@ -24,7 +24,7 @@ class Embedder(Protocol):
 
     async def unload(self) -> None: ...
 
-    async def tokenize(self, text: str) -> list[int]: ...
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
 
@@ -53,10 +53,24 @@ class ServedEmbedder:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.error("embedding model {} could not load: {}", self.id, self.load_error)
 
+    @property
+    def state(self) -> str:
+        if self.load_error is not None:
+            return "failed"
+        if self.embedder is None:
+            return "loading"
+        return str(getattr(self.embedder, "state", "ready"))
+
+    def stats(self) -> dict[str, float]:
+        stats = getattr(self.embedder, "stats", None)
+        return stats() if stats is not None else {}
+
     def ready(self) -> tuple[Embedder, EmbeddingModelInfo]:
         if self.embedder is None or self.info is None:
             reason = self.load_error or "it is still loading"
             raise EngineUnavailableError(f"The embedding model '{self.id}' is not ready: {reason}")
+        if self.state != "ready":
+            raise EngineUnavailableError(f"The embedding model '{self.id}' is {self.state}.")
         return self.embedder, self.info
 
 

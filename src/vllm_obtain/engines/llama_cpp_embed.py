@@ -34,6 +34,8 @@ class LlamaCppEmbedder:
     """Serves one embedding GGUF."""
 
     name = "llama.cpp"
+    supported_params: frozenset[str] = frozenset()
+    max_running = 1
 
     def __init__(self, model_path: Path, *, threads: int | None = None) -> None:
         self.model_path = Path(model_path)
@@ -74,10 +76,15 @@ class LlamaCppEmbedder:
             self._llama.close()
             self._llama = None
 
-    async def tokenize(self, text: str) -> list[int]:
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """The tokens of `text` as the model sees it, [CLS] and [SEP] included."""
-        tokens: list[int] = self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        tokens: list[int] = self._llama.tokenize(
+            text.encode("utf-8"), add_bos=add_special, special=False
+        )
         return tokens
+
+    def stats(self) -> dict[str, float]:
+        return {"running": int(self._lock.locked()), "waiting": 0}
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         """One unit-length vector per token list (each within context_length)."""

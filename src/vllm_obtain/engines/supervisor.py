@@ -34,6 +34,7 @@ from vllm_obtain.engines.base import (
     EngineState,
     EngineUnavailableError,
 )
+from vllm_obtain.engines.llama_cpp_embed import EmbeddingModelInfo
 from vllm_obtain.engines.worker_process import HEADER, Message, encode_frame
 
 RESTART_WINDOW_SECONDS = 600.0
@@ -244,7 +245,7 @@ class SupervisedEngine:
             logger.bind(engine=self.name, engine_pid=proc.pid if proc else None).log(
                 message[1], message[2]
             )
-        elif kind == "tokens":
+        elif kind in ("tokens", "vectors"):
             call = self._calls.get(message[1])
             if call is not None and not call.done():
                 call.set_result(message[2])
@@ -273,12 +274,17 @@ class SupervisedEngine:
     # --- the Engine contract -----------------------------------------------------------------
 
     async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
+        tokens: list[int] = await self._call("tokenize", text, add_special)
+        return tokens
+
+    async def _call(self, kind: str, *args: Any) -> Any:
+        """Ask the engine process one thing and wait for its answer."""
         self._check_ready()
         sid = next(self._ids)
-        call: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        call: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._calls[sid] = call
         try:
-            self._send(("tokenize", sid, text, add_special))
+            self._send((kind, sid, *args))
             return await call
         finally:
             del self._calls[sid]
@@ -314,3 +320,18 @@ class SupervisedEngine:
             "pid": proc.pid if proc is not None else 0,
             "restarts": self.restarts,
         }
+
+
+class SupervisedEmbedder(SupervisedEngine):
+    """An embedding model in a child process of its own, restarted like a generation engine."""
+
+    async def load(self) -> EmbeddingModelInfo:  # type: ignore[override]
+        info: EmbeddingModelInfo = await super().load()  # type: ignore[assignment]
+        return info
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        return await super().tokenize(text, add_special=add_special)
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        vectors: list[list[float]] = await self._call("embed", inputs)
+        return vectors

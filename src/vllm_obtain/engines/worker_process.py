@@ -7,10 +7,11 @@ flight, and starts a new one. Run as `python -m vllm_obtain.engines.worker_proce
 Messages are tuples, pickled into length-prefixed frames; both ends are this package.
 
     server -> engine: ("start", engine_name, model_path, settings), ("generate", sid, request),
-                      ("cancel", sid), ("tokenize", sid, text, add_special), ("shutdown",)
+                      ("cancel", sid), ("tokenize", sid, text, add_special),
+                      ("embed", sid, token_lists), ("shutdown",)
     engine -> server: ("ready", info, supported_params, max_running), ("load_failed", message),
                       ("chunk", sid, chunk), ("failed", sid, message, param), ("tokens", sid, ids),
-                      ("stats", stats), ("log", level, message)
+                      ("vectors", sid, vectors), ("stats", stats), ("log", level, message)
 """
 
 from __future__ import annotations
@@ -143,6 +144,14 @@ async def serve(
         except Exception as exc:
             send(("failed", sid, str(exc), None))
 
+    async def embed(sid: int, inputs: list[list[int]]) -> None:
+        try:
+            send(("vectors", sid, await engine.embed(inputs)))
+        except Exception as exc:
+            send(("failed", sid, str(exc), None))
+        finally:
+            tasks.pop(sid, None)
+
     async def heartbeat() -> None:
         while True:
             send(("stats", engine.stats()))
@@ -158,6 +167,8 @@ async def serve(
                 tasks[sid].cancel()
             elif kind == "tokenize":
                 tasks[sid] = asyncio.create_task(tokenize(sid, message[2], message[3]))
+            elif kind == "embed":
+                tasks[sid] = asyncio.create_task(embed(sid, message[2]))
             elif kind == "shutdown":
                 break
     finally:
