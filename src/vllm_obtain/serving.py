@@ -45,15 +45,24 @@ def create_engine(name: str, model_path: Path, settings: Settings) -> Engine:
             engine_args=settings.vllm_args,
             cpu_kv_cache_gib=settings.kv_cache_gib,
         )
-    if name == EMBEDDING_ENGINE:
-        from vllm_obtain.engines.llama_cpp_embed import LlamaCppEmbedder
-
-        return LlamaCppEmbedder(model_path, threads=settings.threads)  # type: ignore[return-value]
     if name == "mlx":
         from vllm_obtain.engines.mlx import MlxEngine
 
         return MlxEngine(model_path, context_length=settings.ctx_size, max_batch=settings.max_batch)
     raise ValueError(f"unknown engine {name!r}")
+
+
+def create_embedder(model_path: Path, settings: Settings) -> Embedder:
+    from vllm_obtain.engines.llama_cpp_embed import LlamaCppEmbedder
+
+    return LlamaCppEmbedder(model_path, threads=settings.threads)
+
+
+def create_any_engine(name: str, model_path: Path, settings: Settings) -> Engine | Embedder:
+    """What a worker process builds: a generation engine, or the embedding engine."""
+    if name == EMBEDDING_ENGINE:
+        return create_embedder(model_path, settings)
+    return create_engine(name, model_path, settings)
 
 
 def _read_template(value: str | None) -> str | None:
@@ -95,13 +104,15 @@ def build_embedding_models(settings: Settings) -> EmbeddingModels:
     def make_embedder(path: Path) -> Embedder:
         if settings.engine_isolation == "process":  # as the chat model: a crash is survived
             return SupervisedEmbedder(
-                EMBEDDING_ENGINE,
-                path,
-                settings,
-                hang_timeout=settings.engine_hang_timeout,
-                max_restarts=settings.engine_max_restarts,
+                SupervisedEngine(
+                    EMBEDDING_ENGINE,
+                    path,
+                    settings,
+                    hang_timeout=settings.engine_hang_timeout,
+                    max_restarts=settings.engine_max_restarts,
+                )
             )
-        return create_engine(EMBEDDING_ENGINE, path, settings)  # type: ignore[return-value]
+        return create_embedder(path, settings)
 
     model_id = (
         name if name in embedding_aliases() else Path(name).name.removesuffix(".gguf").lower()

@@ -107,7 +107,8 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) ->
         if process.poll() is not None:
             pytest.fail(f"server exited: {log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            # Ready: the chat model and the embedding model (which loads beside it).
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass

@@ -4,11 +4,9 @@ Completions are capped at 16 tokens (--max-tokens-limit) so the valid ones stay 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -24,23 +22,12 @@ PATHS = {
 }
 
 
-def wait_for_model(url: str, model: str) -> None:
-    """The embedding model loads beside the chat model; wait until it is listed too."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if model in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{model} never loaded")
-
-
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed (./install.sh)")
     workdir: Path = tmp_path_factory.mktemp("fuzz")
     args = ["--engine", "llama.cpp", "--parallel", "4", "--max-tokens-limit", "16"]
     with start_server(workdir, args, free_port()) as base_url:
-        wait_for_model(base_url, PATHS["/v1/embeddings"])
         yield base_url
 
 

@@ -103,7 +103,7 @@ def refuse_unsupported(body: SamplingFields, model: ServedModel) -> None:
         raise InvalidRequestError(
             f"'{param}' is not supported by this server yet.", param=param, code="unsupported"
         )
-    lacking = sorted(body.sampling_params_set() - model.engine.supported_params)
+    lacking = sorted(body.features_requested() - model.engine.supported_params)
     if lacking:
         raise InvalidRequestError(
             f"'{lacking[0]}' is not supported by the {model.engine.name} engine.",

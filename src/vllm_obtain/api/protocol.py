@@ -217,19 +217,20 @@ class SamplingFields(RequestModel):
             logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())),
         )
 
-    def sampling_params_set(self) -> set[str]:
-        """The sampling params this request sets to something other than the default."""
+    def features_requested(self) -> set[str]:
+        """The params this request sets to something other than the default: an engine must
+        implement each of them (Engine.supported_params)."""
         defaults = SamplingParams()
         given = self.sampling_params()
-        given_set = {
+        features = {
             name
             for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
                          "ignore_eos", "logit_bias")
             if getattr(given, name) != getattr(defaults, name)
         }  # fmt: skip
         if self.logprobs_count() is not None:
-            given_set.add("logprobs")
-        return given_set
+            features.add("logprobs")
+        return features
 
     def logprobs_count(self) -> int | None:
         """How many alternatives to report per token; None: no logprobs at all."""
@@ -274,8 +275,8 @@ class ChatCompletionRequest(SamplingFields):
             return JsonOutput(json.dumps(schema), param="tool_choice")
         return self.response_format.json_output() if self.response_format else None
 
-    def sampling_params_set(self) -> set[str]:
-        features = super().sampling_params_set()
+    def features_requested(self) -> set[str]:
+        features = super().features_requested()
         if self.forced_tool_call():
             features.add("tool_choice")  # forcing a call is a JSON constraint, as below
         elif self.json_output() is not None:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
 
@@ -274,10 +274,10 @@ class SupervisedEngine:
     # --- the Engine contract -----------------------------------------------------------------
 
     async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        tokens: list[int] = await self._call("tokenize", text, add_special)
+        tokens: list[int] = await self.call("tokenize", text, add_special)
         return tokens
 
-    async def _call(self, kind: str, *args: Any) -> Any:
+    async def call(self, kind: str, *args: Any) -> Any:
         """Ask the engine process one thing and wait for its answer."""
         self._check_ready()
         sid = next(self._ids)
@@ -322,16 +322,30 @@ class SupervisedEngine:
         }
 
 
-class SupervisedEmbedder(SupervisedEngine):
+class SupervisedEmbedder:
     """An embedding model in a child process of its own, restarted like a generation engine."""
 
-    async def load(self) -> EmbeddingModelInfo:  # type: ignore[override]
-        info: EmbeddingModelInfo = await super().load()  # type: ignore[assignment]
-        return info
+    def __init__(self, process: SupervisedEngine) -> None:
+        self._process = process
+        self.name = process.name
+
+    @property
+    def state(self) -> EngineState:
+        return self._process.state
+
+    def stats(self) -> dict[str, float]:
+        return self._process.stats()
+
+    async def load(self) -> EmbeddingModelInfo:
+        info: Any = await self._process.load()  # what the child's embedder reported
+        return cast(EmbeddingModelInfo, info)
+
+    async def unload(self) -> None:
+        await self._process.unload()
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        return await super().tokenize(text, add_special=add_special)
+        return await self._process.tokenize(text, add_special=add_special)
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        vectors: list[list[float]] = await self._call("embed", inputs)
+        vectors: list[list[float]] = await self._process.call("embed", inputs)
         return vectors

@@ -192,7 +192,7 @@ def main() -> int:
     _, engine_name, model_path, settings = start
     forward_logs(outbox, settings.effective_log_level)
 
-    from vllm_obtain.serving import create_engine
+    from vllm_obtain.serving import create_any_engine
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -204,7 +204,7 @@ def main() -> int:
             loop.call_soon_threadsafe(inbox.put_nowait, None)
 
         threading.Thread(target=read, name="engine-inbox", daemon=True).start()
-        await serve(create_engine(engine_name, model_path, settings), inbox, outbox.send)
+        await serve(create_any_engine(engine_name, model_path, settings), inbox, outbox.send)
 
     try:
         asyncio.run(run())
