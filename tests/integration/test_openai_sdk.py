@@ -27,7 +27,8 @@ def stream_text(client, **kwargs) -> tuple[str, list]:
 
 
 def test_models_are_listed_and_retrievable(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    # The chat model, then the embedding model served beside it.
+    assert [m.id for m in client.models.list().data] == [MODEL, "all-minilm-l6-v2"]
     model = client.models.retrieve(MODEL)
     assert model.id == MODEL
     assert model.object == "model"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import math
 import random
 from typing import Any
@@ -32,6 +33,36 @@ def client_seed_to_llama(seed: int | None, fallback: int) -> int:
     return value - 1 if value == _LLAMA_RANDOM_SEED else value
 
 
+# Schema keywords llama-cpp-python's grammar converter passes over without enforcing: a schema
+# using one is refused rather than answered with JSON that may break it.
+UNENFORCED_KEYWORDS = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+    "not", "contains", "minProperties", "maxProperties", "patternProperties", "if", "then",
+    "else", "dependentRequired", "dependentSchemas",
+})  # fmt: skip
+# Keywords whose value maps names to schemas (the names are not keywords).
+_NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
+
+
+def unenforced_keywords(schema: object) -> set[str]:
+    """The keywords of `schema`, at any depth, that the grammar would not enforce."""
+    found: set[str] = set()
+    if isinstance(schema, list):
+        for item in schema:
+            found |= unenforced_keywords(item)
+    elif isinstance(schema, dict):
+        for key, value in schema.items():
+            if key in _NAMED_SCHEMAS and isinstance(value, dict):
+                for named in value.values():
+                    found |= unenforced_keywords(named)
+                continue
+            if key in UNENFORCED_KEYWORDS:
+                found.add(key)
+            if key not in ("enum", "const", "default", "examples"):
+                found |= unenforced_keywords(value)
+    return found
+
+
 @functools.lru_cache(maxsize=64)
 def gbnf_for(json_output: JsonOutput) -> str:
     """The llama.cpp grammar (GBNF) for a JSON constraint; clients repeat their schemas."""
@@ -39,6 +70,13 @@ def gbnf_for(json_output: JsonOutput) -> str:
 
     if json_output.schema is None:
         return JSON_GBNF
+    unenforced = unenforced_keywords(json.loads(json_output.schema))
+    if unenforced:
+        raise EngineRequestError(
+            "The llama.cpp engine cannot enforce these JSON schema keywords: "
+            f"{', '.join(sorted(unenforced))}.",
+            param=json_output.param,
+        )
     try:
         return json_schema_to_gbnf(json_output.schema)
     except Exception as exc:  # the converter raises bare errors on what it does not support

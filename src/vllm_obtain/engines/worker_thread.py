@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from vllm_obtain.core.requests import GenerationRequest, TokenChunk
-from vllm_obtain.engines.base import EngineError
+from vllm_obtain.engines.base import EngineError, EngineRequestError
 
 
 @dataclass
@@ -41,6 +41,8 @@ async def stream_job(
     try:
         while True:
             item = await outputs.get()
+            if isinstance(item, EngineRequestError):
+                raise item  # this request was refused: a 400, not an engine failure
             if isinstance(item, BaseException):
                 raise EngineError(f"{engine_name} failed: {item}") from item
             yield item
