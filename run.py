@@ -1,12 +1,10 @@
 #!/usr/bin/env python
-"""`python run.py --mode dev|prod [options]`: the same as `vllm-obtain serve [options]`."""
+"""`python run.py --mode dev|prod [options]`: the same as `vllm-obtain serve [options]`; other
+commands pass through (`python run.py doctor` is `vllm-obtain doctor`)."""
 
 import sys
 
-from vllm_obtain.cli import main
+from vllm_obtain.cli import main, with_default_command
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] not in {"serve", "selftest", "models", "-h", "--help", "--version"}:
-        args = ["serve", *args]
-    sys.exit(main(args))
+    sys.exit(main(with_default_command(sys.argv[1:])))

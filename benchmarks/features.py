@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Any
 
 import httpx
 
@@ -29,7 +30,7 @@ CAT = {
 SCHEMA = {"type": "object", "properties": {"cats": {"type": "array", "items": CAT}},
           "required": ["cats"]}  # fmt: skip
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {},
     "json_schema": {
         "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}}

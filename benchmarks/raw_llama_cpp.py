@@ -13,7 +13,7 @@ import time
 
 from llama_cpp import Llama
 
-from vllm_obtain.catalog import load_catalog, packaged_file
+from vllm_obtain.weights.catalog import load_catalog, packaged_file
 
 
 def main() -> None:

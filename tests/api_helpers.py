@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
-from vllm_obtain.core.manager import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
 
 MODEL = "scripted"
@@ -57,6 +57,13 @@ def sse_events(response) -> list:
     assert all(line.startswith("data: ") for line in lines)
     assert lines[-1] == "data: [DONE]"
     return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+
+
+def error_body(exc: Any) -> dict[str, Any]:
+    """The OpenAI error object an SDK exception (openai.APIStatusError) carries."""
+    body = exc.body
+    assert isinstance(body, dict), body
+    return body
 
 
 def assert_error(response, status: int, param: str | None, code: str | None = None) -> dict:

@@ -5,10 +5,18 @@ exactly. Everything a user would see from a model is tested on the real engine i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
-from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk, TokenLogprob
-from vllm_obtain.engines.base import EngineError, EngineRequestError
+from vllm_obtain.contract import (
+    EngineError,
+    EngineRequestError,
+    EngineState,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    TokenChunk,
+    TokenLogprob,
+)
 
 TEMPLATE = (
     "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -27,7 +35,7 @@ def scripted_logprobs(char: str, request: GenerationRequest) -> tuple[TokenLogpr
 class ScriptedEngine:
     name = "scripted"
     supported_params = frozenset({"temperature", "top_p", "seed"})
-    state = "ready"
+    state: EngineState = "ready"
 
     def __init__(
         self,
@@ -71,7 +79,7 @@ class ScriptedEngine:
     def stats(self) -> dict[str, float]:
         return {"running": self.running, "waiting": 0}
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         self.requests.append(request)
         if self.refuse is not None:
             raise self.refuse
@@ -89,7 +97,8 @@ class ScriptedEngine:
                     return
                 char = self.reply[produced % len(self.reply)]
                 produced += 1
-                reason = "length" if produced >= request.max_tokens and not self.endless else None
+                out_of_room = produced >= request.max_tokens and not self.endless
+                reason: FinishReason | None = "length" if out_of_room else None
                 finished = reason is not None
                 yield TokenChunk(
                     (ord(char),), char.encode(), reason, scripted_logprobs(char, request)

@@ -1,4 +1,5 @@
-"""The `vllm-obtain` command: serve, selftest, models."""
+"""The `vllm-obtain` command: serve, selftest, doctor, bench, models; its flags are made from
+the Settings fields."""
 
 from __future__ import annotations
 
@@ -8,88 +9,66 @@ import json
 import os
 import sys
 import time
+import types
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from vllm_obtain import __version__
-from vllm_obtain.settings import Settings
+from vllm_obtain.settings import Settings, default_of, flag_of, shown_as
 
-# CLI flag -> Settings field; a flag left out leaves env vars and .env files in charge.
-SERVE_FLAGS: dict[str, dict[str, Any]] = {
-    "--host": {"help": "address to listen on (default 127.0.0.1; 0.0.0.0 for all)"},
-    "--port": {"type": int, "help": "port (default 8001)"},
-    "--engine": {
-        "choices": ["auto", "llama.cpp", "vllm", "mlx"],
-        "help": "inference engine (default auto: chosen from the hardware and the model)",
-    },
-    "--served-model-name": {"help": "model id clients use (default: the alias or file name)"},
-    "--embedding-model": {
-        "help": "embedding model for /v1/embeddings: alias, .gguf or BERT folder; 'none' for "
-        "none (default all-minilm-l6-v2)"
-    },
-    "--ctx-size": {"type": int, "help": "context length in tokens (default: the model's own)"},
-    "--threads": {"type": int, "help": "CPU threads (default: all cores)"},
-    "--batch-size": {"type": int, "help": "llama.cpp: tokens per decoding step (default 512)"},
-    "--parallel": {"type": int, "help": "llama.cpp: sequences decoded together (default 16)"},
-    "--kv-cache-tokens": {"type": int, "help": "llama.cpp: KV cache cells (default: automatic)"},
-    "--gpu-layers": {"type": int, "help": "layers offloaded to a GPU if present (-1: all)"},
-    "--chat-template": {"help": "Jinja chat template file to use instead of the model's"},
-    "--kv-cache-gib": {"type": int, "help": "vLLM on CPU: KV cache size in whole GiB"},
-    "--max-batch": {"type": int, "help": "MLX: sequences decoded together (default 32)"},
-    "--mode": {"choices": ["dev", "prod"], "help": "prod: JSON logs; dev: readable logs, reload"},
-    "--log-level": {"help": "DEBUG, INFO, WARNING... (default DEBUG in dev, INFO in prod)"},
-    "--api-key": {
-        "dest": "api_keys",
-        "action": "append",
-        "metavar": "KEY",
-        "help": "require 'Authorization: Bearer KEY' (repeatable; env OBTAIN_API_KEYS=k1,k2)",
-    },
-    "--auth-health": {"action": "store_const", "const": True, "help": "/health needs a key too"},
-    "--auth-metrics": {"action": "store_const", "const": True, "help": "/metrics needs a key too"},
-    "--cors-origin": {
-        "dest": "cors_origins",
-        "action": "append",
-        "metavar": "ORIGIN",
-        "help": "allow browsers from this origin (repeatable; '*' for any; default: none)",
-    },
-    "--max-queue": {"type": int, "help": "requests waiting per model before 429 (default 256)"},
-    "--request-timeout": {"type": float, "help": "seconds a request may take (default 600)"},
-    "--max-body-mb": {"type": float, "help": "largest request body in MiB (default 8)"},
-    "--max-prompt-tokens": {"type": int, "help": "longest prompt accepted (default: context)"},
-    "--max-tokens-limit": {"type": int, "help": "largest max_tokens allowed (default: context)"},
-    "--engine-isolation": {
-        "choices": ["process", "none"],
-        "help": "process (default): the engine runs in a child restarted after a crash",
-    },
-    "--engine-hang-timeout": {
-        "type": float,
-        "help": "seconds a busy engine may go without progress before it is restarted (120)",
-    },
-    "--engine-max-restarts": {"type": int, "help": "restarts allowed in 10 minutes (default 5)"},
-    "--shutdown-timeout": {
-        "type": float,
-        "help": "on SIGTERM, seconds streams in flight get to finish (default 30)",
-    },
-    "--log-prompts": {
-        "action": "store_const",
-        "const": True,
-        "help": "include prompt text in request log lines (off by default: it is private)",
-    },
-    "--models-dir": {"help": "where local models live (default models/)"},
-    "--cache-dir": {"help": "downloads and converted weights (default cache/)"},
-    "--logs-dir": {"help": "rotating log files (default logs/)"},
-}
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (the model is positional). An unset flag stays None, which
+    leaves env vars and the .env file in charge."""
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} (default: {default_of(name) or 'none'})"
+        if name == "model":
+            parser.add_argument("model", nargs="?", help=help_text)
+            continue
+        options: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        shown = shown_as(name)
+        kind = _plain_type(field.annotation)
+        if "choices" in shown:
+            options["choices"] = list(shown["choices"])
+        elif get_origin(kind) is Literal:
+            options["choices"] = list(get_args(kind))
+        elif kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif get_origin(kind) is dict:
+            options |= {"action": "append", "type": parse_engine_arg}
+        elif get_origin(kind) is list:
+            options["action"] = "append"
+        elif kind in (int, float):
+            options["type"] = kind
+        if "metavar" in shown:
+            options["metavar"] = shown["metavar"]
+        parser.add_argument(flag_of(name), **options)
+
+
+def _plain_type(annotation: Any) -> Any:
+    """`int | None` -> int; `Annotated[list[str], ...]` -> list[str]."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if isinstance(annotation, types.UnionType) or get_origin(annotation) is Union:
+        members = [arg for arg in get_args(annotation) if arg is not type(None)]
+        annotation = members[0] if len(members) == 1 else annotation
+    return annotation
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    fields = [
-        options.get("dest", flag[2:].replace("-", "_")) for flag, options in SERVE_FLAGS.items()
-    ]
-    overrides = {field: getattr(args, field) for field in fields}
-    overrides["model"] = args.model
-    if args.vllm_arg:
-        overrides["vllm_args"] = dict(parse_engine_arg(a) for a in args.vllm_arg)
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """The settings a command line gives: its flags over env vars, the .env file, defaults."""
+    return Settings(**overrides_from(args))
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {
+        name: getattr(args, name)
+        for name in Settings.model_fields
+        if getattr(args, name, None) is not None
+    }
+    if "vllm_args" in overrides:
+        overrides["vllm_args"] = dict(overrides["vllm_args"])
+    return overrides
 
 
 def parse_engine_arg(text: str) -> tuple[str, Any]:
@@ -106,7 +85,7 @@ def parse_engine_arg(text: str) -> tuple[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from vllm_obtain.logs import configure_logging_for
+    from vllm_obtain.wiring import configure_logging_for, create_server_app
 
     settings = settings_from(args)
     configure_logging_for(settings)
@@ -120,20 +99,16 @@ def serve(args: argparse.Namespace) -> int:
         "timeout_graceful_shutdown": settings.shutdown_timeout,
     }
     if settings.mode == "dev":
-        # The reloader re-imports the app in a child process: hand it the settings as env vars.
-        for key, value in settings.model_dump(exclude_unset=True).items():
-            os.environ[f"OBTAIN_{key.upper()}"] = str(value)
+        export_for_reloader(args)
         src = os.path.dirname(os.path.dirname(__file__))
         uvicorn.run(
-            "vllm_obtain.api.app:create_app_from_env",
+            "vllm_obtain.wiring:app_from_reloader",
             factory=True,
             reload=True,
             reload_dirs=[src],
             **common,
         )
         return 0
-    from vllm_obtain.api.app import create_app
-
     failed = False
 
     def stop_on_load_failure() -> None:
@@ -141,17 +116,25 @@ def serve(args: argparse.Namespace) -> int:
         failed = True
         server.should_exit = True
 
-    app = create_app(settings, on_load_failure=stop_on_load_failure)
+    app = create_server_app(settings, on_load_failure=stop_on_load_failure)
     server = uvicorn.Server(uvicorn.Config(app, **common))
     server.run()
     return 1 if failed else 0
 
 
+def export_for_reloader(args: argparse.Namespace) -> None:
+    """Hand the command line's settings to uvicorn's reloader, which builds the app anew in a
+    child process (wiring.app_from_reloader): as JSON, so lists and dicts arrive whole."""
+    from vllm_obtain.wiring import RELOADER_OVERRIDES_ENV
+
+    os.environ[RELOADER_OVERRIDES_ENV] = json.dumps(overrides_from(args))
+
+
 def selftest(args: argparse.Namespace) -> int:
     """Load the model and generate a few tokens: proves the engine runs on this machine."""
+    from vllm_obtain.contract import GenerationRequest, SamplingParams
     from vllm_obtain.core.generation import stream_choice
-    from vllm_obtain.core.requests import GenerationRequest, SamplingParams
-    from vllm_obtain.serving import build_registry
+    from vllm_obtain.wiring import build_registry
 
     async def run() -> int:
         registry = build_registry(settings_from(args))
@@ -177,9 +160,10 @@ def selftest(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     """What this machine has, and which engine would serve which model, and why."""
-    from vllm_obtain.catalog import aliases, model_format
-    from vllm_obtain.engines.base import EngineNotInstalledError
-    from vllm_obtain.platform import ENGINES, choose_engine, detect_platform
+    from vllm_obtain.contract import EngineNotInstalledError
+    from vllm_obtain.engines.registry import ENGINE_NAMES
+    from vllm_obtain.hardware import choose_engine, detect_platform
+    from vllm_obtain.weights.catalog import aliases, model_format
 
     settings = settings_from(args)
     info = detect_platform()
@@ -189,7 +173,7 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"apple       {'Apple Silicon' if info.apple_silicon else 'no'}")
     gpus = ", ".join(f"{g.vendor} {g.name}" for g in info.gpus)
     print(f"gpus        {gpus or 'none (no nvidia-smi / ROCm device)'}")
-    for engine in ENGINES:
+    for engine in ENGINE_NAMES:
         print(f"engine      {engine:10} {'installed' if engine in info.installed_engines else '-'}")
     names = [settings.model] if settings.model else list(aliases())
     print()
@@ -233,7 +217,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def list_models(args: argparse.Namespace) -> int:
-    from vllm_obtain.catalog import aliases
+    from vllm_obtain.weights.catalog import aliases
 
     for alias, description in aliases().items():
         print(f"{alias:28} {description}")
@@ -251,15 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     selftest_cmd = commands.add_parser("selftest", help="load a model and generate a few tokens")
     doctor_cmd = commands.add_parser("doctor", help="what was detected, which engine serves what")
     for cmd in (serve_cmd, selftest_cmd, doctor_cmd):
-        cmd.add_argument("model", nargs="?", help="alias, .gguf path, HF directory or models/ name")
-        for flag, options in SERVE_FLAGS.items():
-            cmd.add_argument(flag, **options)
-        cmd.add_argument(
-            "--vllm-arg",
-            action="append",
-            metavar="KEY=VALUE",
-            help="vLLM engine argument, repeatable (tensor_parallel_size=2, dtype=bfloat16 ...)",
-        )
+        add_settings_flags(cmd)
     doctor_cmd.set_defaults(func=doctor)
     serve_cmd.set_defaults(func=serve)
     selftest_cmd.add_argument("--prompt", default="What is the capital of France?")
@@ -281,9 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_names(parser: argparse.ArgumentParser) -> set[str]:
+    """The parser's commands (serve, doctor, ...)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return set(action.choices)
+    return set()
+
+
+def with_default_command(argv: Sequence[str]) -> list[str]:
+    """`python run.py --mode dev ...` is `vllm-obtain serve --mode dev ...`; a command of its
+    own (doctor, bench...) or a top-level option is kept as given."""
+    known = command_names(build_parser()) | {"-h", "--help", "--version"}
+    return list(argv) if argv and argv[0] in known else ["serve", *argv]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from vllm_obtain.catalog import ModelResolutionError
-    from vllm_obtain.engines.base import EngineNotInstalledError
+    from vllm_obtain.contract import EngineNotInstalledError
+    from vllm_obtain.weights.catalog import ModelResolutionError
 
     args = build_parser().parse_args(argv)
     try:

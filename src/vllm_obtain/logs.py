@@ -1,6 +1,7 @@
 """Logging through loguru: readable lines in dev, compact JSON lines in prod, a rotating file
 in logs/. uvicorn and other libraries log through the standard `logging` module; one
-intercepting handler sends their records to the same sinks."""
+intercepting handler sends their records to the same sinks. Imports nothing of ours, so the
+engine process can use it too."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loguru import logger
-
-if TYPE_CHECKING:
-    from vllm_obtain.settings import Settings
 
 
 class InterceptHandler(logging.Handler):
@@ -63,12 +61,3 @@ def configure_logging(*, level: str, json_lines: bool, logs_dir: Path | None) ->
         named = logging.getLogger(name)
         named.handlers = [InterceptHandler()]
         named.propagate = False
-
-
-def configure_logging_for(settings: Settings) -> None:
-    """Logging as the settings ask: JSON lines in prod mode, readable lines in dev."""
-    configure_logging(
-        level=settings.effective_log_level,
-        json_lines=settings.mode == "prod",
-        logs_dir=settings.logs_dir,
-    )

@@ -1,4 +1,9 @@
-"""All configuration in one place: CLI flags > OBTAIN_* env vars > platform .env file > defaults."""
+"""All configuration in one place: CLI flags > OBTAIN_* env vars > platform .env file > defaults.
+
+Each field here is the one source of a setting: its env var (OBTAIN_<FIELD>), its command-line
+flag (cli.py generates them from these fields), its default and its help text (also README's
+configuration table, which a test keeps in step with this file).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,29 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vllm_obtain.engines.registry import ENGINE_NAMES
+
 PLATFORM_ENV_FILES = {"Darwin": ".env.mac", "Linux": ".env.linux", "Windows": ".env.windows"}
+ENGINE_CHOICES = ("auto", *ENGINE_NAMES)
 
 
 def platform_env_file(system: str | None = None) -> str:
     """The config file for this OS (.env.mac, .env.linux or .env.windows), read from the cwd."""
     return PLATFORM_ENV_FILES.get(system or platform.system(), ".env")
+
+
+def shown(
+    default: str | None = None,
+    *,
+    flag: str | None = None,
+    metavar: str | None = None,
+    env: str | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """How a setting is shown where the field alone does not say it well: its default in
+    words, a flag or env var spelt otherwise than the field (`--api-key` for `api_keys`)."""
+    extra = {"default": default, "flag": flag, "metavar": metavar, "env": env, "choices": choices}
+    return {"cli": {key: value for key, value in extra.items() if value is not None}}
 
 
 class Settings(BaseSettings):
@@ -26,67 +48,130 @@ class Settings(BaseSettings):
     )
 
     model: str | None = Field(
-        None, description="alias, .gguf path or models/ name; unset: embedded"
+        None,
+        description="alias, .gguf path, Hugging Face directory or name under models/",
+        json_schema_extra=shown("smollm2-135m-instruct", flag="MODEL"),
     )
-    served_model_name: str | None = Field(None, description="id clients use; default: the alias")
-    engine: Literal["auto", "llama.cpp", "vllm", "mlx"] = "auto"
+    served_model_name: str | None = Field(
+        None, description="model id clients use", json_schema_extra=shown("the alias")
+    )
     embedding_model: str = Field(
-        "all-minilm-l6-v2", description="served at /v1/embeddings; 'none' to serve none"
+        "all-minilm-l6-v2",
+        description="for /v1/embeddings: alias, .gguf file or BERT folder; 'none' to serve none",
     )
-    host: str = "127.0.0.1"
-    port: int = 8001
-    mode: Literal["dev", "prod"] = "prod"
-    log_level: str | None = Field(None, description="default: DEBUG in dev, INFO in prod")
-    ctx_size: int = Field(0, ge=0, description="context length in tokens; 0: the model's own")
-    threads: int | None = Field(None, ge=1, description="CPU threads; default: all cores")
-    batch_size: int = Field(512, ge=1, description="llama.cpp: tokens evaluated per step")
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 for all")
+    port: int = Field(8001, description="port to listen on")
+    engine: str = Field(
+        "auto",
+        description="inference engine; auto: chosen from the hardware and the model",
+        json_schema_extra=shown(choices=ENGINE_CHOICES),
+    )
+    mode: Literal["dev", "prod"] = Field(
+        "prod", description="prod: JSON log lines; dev: readable logs, reload on code change"
+    )
+    log_level: str | None = Field(
+        None, description="DEBUG, INFO, WARNING...", json_schema_extra=shown("INFO (DEBUG in dev)")
+    )
+    ctx_size: int = Field(
+        0,
+        ge=0,
+        description="context length in tokens; 0: the model's own (llama.cpp: at most 8192)",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads", json_schema_extra=shown("all cores")
+    )
+    batch_size: int = Field(512, ge=1, description="llama.cpp: tokens per decoding step")
     parallel: int = Field(16, ge=1, description="llama.cpp: sequences decoded together")
     kv_cache_tokens: int = Field(
-        0, ge=0, description="llama.cpp: KV cache cells shared by all sequences; 0: automatic"
+        0,
+        ge=0,
+        description="llama.cpp: KV cache cells shared by all sequences; 0: automatic",
     )
-    gpu_layers: int = Field(-1, description="layers offloaded to a GPU when there is one; -1: all")
-    chat_template: str | None = Field(None, description="a Jinja chat template file to use instead")
+    gpu_layers: int = Field(
+        -1, description="layers offloaded when llama.cpp has a GPU backend; -1: all"
+    )
+    chat_template: str | None = Field(
+        None,
+        description="a Jinja chat template file to use instead of the model's",
+        json_schema_extra=shown("the model's"),
+    )
     vllm_args: dict[str, Any] = Field(
         default_factory=dict,
-        description='vLLM engine arguments, e.g. {"tensor_parallel_size": 2} (JSON in env)',
+        description="a vLLM engine argument (tensor_parallel_size=2, ...); repeatable",
+        json_schema_extra=shown(
+            "", flag="--vllm-arg", metavar="KEY=VALUE", env="OBTAIN_VLLM_ARGS (JSON)"
+        ),
     )
-    kv_cache_gib: int | None = Field(None, ge=1, description="vLLM on CPU: KV cache size in GiB")
+    kv_cache_gib: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM on CPU: KV cache size in GiB",
+        json_schema_extra=shown("vLLM's own"),
+    )
     max_batch: int = Field(32, ge=1, description="MLX: sequences decoded together")
     # --- production: access, limits, recovery -----------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="keys clients must send as 'Authorization: Bearer'; comma-separated in env",
+        description="a key clients must send as 'Authorization: Bearer KEY'; repeatable",
+        json_schema_extra=shown(
+            "none: open", flag="--api-key", metavar="KEY", env="OBTAIN_API_KEYS (k1,k2)"
+        ),
     )
-    auth_health: bool = Field(False, description="whether /health* also needs a key")
-    auth_metrics: bool = Field(False, description="whether /metrics also needs a key")
+    auth_health: bool = Field(False, description="/health* needs a key too")
+    auth_metrics: bool = Field(False, description="/metrics needs a key too")
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="origins browsers may call from ('*': any); none: off"
+        default_factory=list,
+        description="a browser origin allowed, '*' for any; repeatable",
+        json_schema_extra=shown(
+            "none: no CORS",
+            flag="--cors-origin",
+            metavar="ORIGIN",
+            env="OBTAIN_CORS_ORIGINS (o1,o2)",
+        ),
     )
     max_queue: int = Field(
-        256, ge=0, description="requests that may wait per model beyond those running; then 429"
+        256, ge=0, description="sequences that may wait per model beyond those running; then 429"
     )
-    request_timeout: float = Field(600, gt=0, description="seconds a request may take in all")
-    max_body_mb: float = Field(8, gt=0, description="largest request body accepted, in MiB")
-    max_prompt_tokens: int = Field(0, ge=0, description="longest prompt accepted; 0: the context")
+    request_timeout: float = Field(
+        600, gt=0, description="seconds a request may take, queueing included; then 504"
+    )
+    max_body_mb: float = Field(8, gt=0, description="largest request body in MiB; then 413")
+    max_prompt_tokens: int = Field(
+        0,
+        ge=0,
+        description="longest prompt in tokens; then 400 prompt_too_long",
+        json_schema_extra=shown("the context"),
+    )
     max_tokens_limit: int = Field(
-        0, ge=0, description="largest max_tokens a request may ask for; 0: the context"
+        0,
+        ge=0,
+        description="largest max_tokens; then 400; also the default when unset",
+        json_schema_extra=shown("the context"),
     )
     engine_isolation: Literal["process", "none"] = Field(
-        "process", description="process: the engine runs in a child restarted after a crash"
+        "process",
+        description="process: the engine runs in a worker process restarted after a crash; "
+        "none: in the server",
     )
     engine_hang_timeout: float = Field(
-        120, gt=0, description="seconds without progress before a busy engine counts as hung"
+        120,
+        ge=2,  # the engine process sends a heartbeat every second
+        description="seconds a busy engine may make no progress before it is killed and restarted",
     )
     engine_max_restarts: int = Field(
-        5, ge=0, description="restarts allowed in 10 minutes before the engine is failed"
+        5,
+        ge=0,
+        description="restarts in 10 minutes before the engine is given up (/health/live fails)",
     )
     shutdown_timeout: float = Field(
         30, ge=0, description="on SIGTERM, seconds streams in flight get to finish"
     )
-    log_prompts: bool = Field(False, description="log prompt text in request lines (private!)")
-    models_dir: Path = Path("models")
-    cache_dir: Path = Path("cache")
-    logs_dir: Path = Path("logs")
+    log_prompts: bool = Field(
+        False, description="put prompt text in request log lines (private data!)"
+    )
+    models_dir: Path = Field(Path("models"), description="local models")
+    cache_dir: Path = Field(Path("cache"), description="downloads and converted weights")
+    logs_dir: Path = Field(Path("logs"), description="rotating log files (50 MB x 5)")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -99,6 +184,63 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if value not in ENGINE_CHOICES:
+            raise ValueError(f"unknown engine {value!r}: one of {', '.join(ENGINE_CHOICES)}")
+        return value
+
     @property
     def effective_log_level(self) -> str:
         return (self.log_level or ("DEBUG" if self.mode == "dev" else "INFO")).upper()
+
+
+def shown_as(name: str) -> dict[str, Any]:
+    """What `shown` recorded for the field `name` (empty when nothing)."""
+    extra = Settings.model_fields[name].json_schema_extra
+    recorded = extra.get("cli") if isinstance(extra, dict) else None
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def flag_of(name: str) -> str:
+    return str(shown_as(name).get("flag", "--" + name.replace("_", "-")))
+
+
+def env_of(name: str) -> str:
+    return str(shown_as(name).get("env", f"OBTAIN_{name.upper()}"))
+
+
+def default_of(name: str) -> str:
+    """A field's default as people read it: `shown`'s words, else the value itself."""
+    shown_default = shown_as(name).get("default")
+    if shown_default is not None:
+        return str(shown_default)
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return f"{default}/" if isinstance(default, Path) else str(default)
+
+
+def settings_table() -> str:
+    """README's configuration table, made from the fields."""
+    rows = ["| flag | env var | default | |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        flag = flag_of(name)
+        metavar = shown_as(name).get("metavar")
+        flag_text = f"`{flag} {metavar}`" if metavar else f"`{flag}`"
+        if flag == "MODEL":
+            flag_text = "`MODEL` (positional)"
+        env = env_of(name)
+        env_name, _, env_note = env.partition(" ")
+        env_text = f"`{env_name}`" + (f" {env_note}" if env_note else "")
+        default = default_of(name)
+        # Values in code type; defaults in words (the model's, off) as they are.
+        worded = " " in default or default in ("on", "off") or "'" in default
+        default_text = f"`{default}`" if default and not worded else default
+        rows.append(f"| {flag_text} | {env_text} | {default_text} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m vllm_obtain.settings: README's table, to paste in
+    print(settings_table())

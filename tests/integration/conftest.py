@@ -18,8 +18,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from vllm_obtain.engines.registry import ENGINES
+
 MODEL = "smollm2-135m-instruct"
-ENGINES = {"llama.cpp": "llama_cpp", "vllm": "vllm", "mlx": "mlx_lm"}
 # vLLM compiles its model graph on first start (minutes on 2 CPU cores; cached afterwards).
 STARTUP_TIMEOUT_S = 900
 
@@ -83,9 +84,8 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", params=list(ENGINES))
 def engine(request: pytest.FixtureRequest) -> str:
     name: str = request.param
-    pytest.importorskip(
-        ENGINES[name], reason=f"{name} engine not installed (./install.sh --engines {name})"
-    )
+    spec = ENGINES[name]
+    pytest.importorskip(spec.package, reason=f"{name} engine not installed: {spec.install_hint}")
     return name
 
 

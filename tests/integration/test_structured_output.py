@@ -9,6 +9,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.api_helpers import error_body
 from tests.integration.conftest import MODEL
 from tests.openai_schema import schema_errors, spec_available
 
@@ -95,7 +96,7 @@ def test_invalid_schema_is_refused_naming_response_format(client):
             model=MODEL, messages=ASK, max_tokens=8,
             response_format=pet_format() | {"json_schema": {"name": "pet", "schema": {"type": 7}}},
         )  # fmt: skip
-    assert caught.value.body["param"].startswith("response_format")
+    assert error_body(caught.value)["param"].startswith("response_format")
 
 
 def test_numeric_bounds_are_enforced_or_refused_by_name(client, engine):
@@ -107,8 +108,8 @@ def test_numeric_bounds_are_enforced_or_refused_by_name(client, engine):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(model=MODEL, messages=ask, max_tokens=30,
                                            response_format=response_format)  # fmt: skip
-        assert caught.value.body["param"] == "response_format"
-        assert "maximum" in caught.value.body["message"]
+        assert error_body(caught.value)["param"] == "response_format"
+        assert "maximum" in error_body(caught.value)["message"]
         return
     for seed in (1, 2):
         response = client.chat.completions.create(

@@ -2,12 +2,21 @@ from pathlib import Path
 
 import pytest
 
-from vllm_obtain.catalog import ModelResolutionError, load_catalog, model_format, resolve_model
+from vllm_obtain.weights.catalog import (
+    ModelResolutionError,
+    load_catalog,
+    model_format,
+    resolve_model,
+)
 
 
 def resolve(name, tmp_path: Path):
     return resolve_model(
-        name, engine="llama.cpp", models_dir=tmp_path / "models", cache_dir=tmp_path / "cache"
+        name,
+        engine="llama.cpp",
+        reads="gguf",
+        models_dir=tmp_path / "models",
+        cache_dir=tmp_path / "cache",
     )
 
 
@@ -35,7 +44,11 @@ def test_a_hugging_face_directory_is_served_by_vllm_or_mlx_not_llama_cpp(tmp_pat
     (tmp_path / "models" / "My-HF").mkdir(parents=True)
     (tmp_path / "models" / "My-HF" / "config.json").write_text("{}")
     resolved = resolve_model(
-        "My-HF", engine="vllm", models_dir=tmp_path / "models", cache_dir=tmp_path / "cache"
+        "My-HF",
+        engine="vllm",
+        reads="hf",
+        models_dir=tmp_path / "models",
+        cache_dir=tmp_path / "cache",
     )
     assert resolved.id == "my-hf"
     assert resolved.path == tmp_path / "models" / "My-HF"
@@ -56,7 +69,11 @@ def test_hub_repository_alias_for_vllm_is_served_from_a_populated_cache(tmp_path
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(revision)
     resolved = resolve_model(
-        "qwen-0.5b", engine="vllm", models_dir=tmp_path / "models", cache_dir=tmp_path / "cache"
+        "qwen-0.5b",
+        engine="vllm",
+        reads="hf",
+        models_dir=tmp_path / "models",
+        cache_dir=tmp_path / "cache",
     )
     assert (resolved.path / "config.json").is_file()
 

@@ -9,9 +9,9 @@ import pytest
 from tests.api_helpers import MODEL, ReadyTestClient, assert_error, chat
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
+from vllm_obtain.contract import EmbeddingModelInfo
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
-from vllm_obtain.core.manager import ModelRegistry, ServedModel, ServingLimits
-from vllm_obtain.engines.llama_cpp_embed import EmbeddingModelInfo
+from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
 
 EMBEDDER = "tiny-embedder"
@@ -22,6 +22,7 @@ class CountingEmbedder:
     to unit length."""
 
     name = "counting"
+    state = "ready"
 
     def __init__(self, *, fail: bool = False) -> None:
         self.fail = fail
@@ -35,7 +36,10 @@ class CountingEmbedder:
     async def unload(self) -> None:
         return None
 
-    async def tokenize(self, text: str) -> list[int]:
+    def stats(self) -> dict[str, float]:
+        return {"running": 0, "waiting": 0}
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return [ord(c) % 256 for c in text]
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:

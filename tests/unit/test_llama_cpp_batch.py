@@ -1,5 +1,6 @@
-from vllm_obtain.engines.llama_cpp_batch import shared_prefix
-from vllm_obtain.engines.llama_cpp_sampling import client_seed_to_llama, unenforced_keywords
+from vllm_obtain.engines.llama_cpp.grammar import unenforced_keywords
+from vllm_obtain.engines.llama_cpp.sampling import client_seed_to_llama
+from vllm_obtain.engines.llama_cpp.scheduler import shared_prefix
 
 
 def test_client_seeds_map_into_llama_cpp_range_and_never_mean_random():

@@ -1,9 +1,10 @@
 import pytest
 
-from vllm_obtain.engines.base import EngineNotInstalledError
-from vllm_obtain.platform import GPU, PlatformInfo, choose_engine, parse_nvidia_smi
+from vllm_obtain.contract import EngineNotInstalledError
+from vllm_obtain.engines.registry import ENGINE_NAMES
+from vllm_obtain.hardware import GPU, PlatformInfo, choose_engine, parse_nvidia_smi
 
-ALL = ("llama.cpp", "vllm", "mlx")
+ALL = ENGINE_NAMES
 
 
 def machine(system="Linux", arch="x86_64", gpus=(), installed=ALL) -> PlatformInfo:

@@ -5,6 +5,7 @@ a real engine are tested in tests/integration/test_faults.py."""
 import asyncio
 import json
 import threading
+from typing import Any
 
 import httpx
 import openai
@@ -23,7 +24,7 @@ from tests.api_helpers import (
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.access import key_matches
 from vllm_obtain.api.health import overall_status
-from vllm_obtain.core.manager import ServingLimits
+from vllm_obtain.core.registry import ServingLimits
 from vllm_obtain.settings import Settings
 
 KEYS = Settings(api_keys=["sk-first", "sk-second"])
@@ -130,7 +131,7 @@ def test_metrics_count_requests_tokens_and_latencies():
 
 @pytest.fixture
 def log_records():
-    records: list[dict] = []
+    records: list[Any] = []
     sink = logger.add(lambda m: records.append(m.record), level="DEBUG")
     yield records
     logger.remove(sink)

@@ -1,4 +1,7 @@
-from vllm_obtain.settings import Settings, platform_env_file
+import os
+from pathlib import Path
+
+from vllm_obtain.settings import Settings, platform_env_file, settings_table
 
 
 def test_platform_config_file_names():
@@ -29,3 +32,21 @@ def test_log_level_follows_the_mode():
     assert Settings(mode="dev").effective_log_level == "DEBUG"
     assert Settings(mode="prod").effective_log_level == "INFO"
     assert Settings(mode="prod", log_level="warning").effective_log_level == "WARNING"
+
+
+def test_unit_tests_run_apart_from_the_developers_settings():
+    assert not [name for name in os.environ if name.startswith("OBTAIN_")]
+    assert not Path(platform_env_file()).exists()
+    assert Settings() == Settings.model_construct(**{
+        name: field.get_default(call_default_factory=True)
+        for name, field in Settings.model_fields.items()
+    })  # fmt: skip
+
+
+def test_readme_configuration_table_is_the_one_settings_make():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("| flag | env var | default | |")
+    end = readme.index("<!-- end of settings table -->")
+    assert readme[start:end].strip() == settings_table(), (
+        "README's configuration table is out of date: paste in `python -m vllm_obtain.settings`"
+    )

@@ -7,8 +7,7 @@ import pytest
 
 from tests.api_helpers import assert_error, chat, make_client
 from tests.scripted_engine import ScriptedEngine
-from vllm_obtain.core.requests import JsonOutput
-from vllm_obtain.engines.base import EngineRequestError
+from vllm_obtain.contract import EngineRequestError, JsonOutput
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 

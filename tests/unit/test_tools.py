@@ -37,7 +37,7 @@ def scripted(reply: str = "Hello", **options) -> ScriptedEngine:
 
 
 def read_all(reader, text: str, step: int) -> tuple[str, list[CallEvent]]:
-    content, events = "", []
+    content, events = "", list[CallEvent]()
     for i in range(0, len(text), step):
         piece, found = reader.feed(text[i : i + step])
         content, events = content + piece, events + found
@@ -188,6 +188,7 @@ def test_required_tool_choice_constrains_the_output_and_reads_the_json_calls():
     with make_client(engine) as client:
         body = chat(client, tools=[WEATHER], tool_choice="required").json()
     json_output = engine.requests[0].json_output
+    assert json_output is not None and json_output.schema is not None
     assert json_output.param == "tool_choice"
     assert json.loads(json_output.schema)["type"] == "array"
     choice = body["choices"][0]

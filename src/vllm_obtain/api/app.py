@@ -17,25 +17,21 @@ from vllm_obtain.api.errors import install_error_handlers
 from vllm_obtain.api.metrics import ServerMetrics
 from vllm_obtain.api.middleware import RequestContextMiddleware
 from vllm_obtain.core.embeddings import EmbeddingModels
-from vllm_obtain.core.manager import ModelRegistry
-from vllm_obtain.logs import configure_logging_for
-from vllm_obtain.serving import build_embedding_models, build_registry
+from vllm_obtain.core.registry import ModelRegistry
 from vllm_obtain.settings import Settings
 
 
 def create_app(
     settings: Settings,
-    registry: ModelRegistry | None = None,
+    registry: ModelRegistry,
     *,
     embedding_models: EmbeddingModels | None = None,
     on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """Build the app. Models load in the background once it starts, so health checks can see
-    "loading" meanwhile; a model that fails to load calls `on_load_failure` (the CLI exits).
-    Tests pass a registry of their own."""
-    if registry is None:
-        registry = build_registry(settings)
-        embedding_models = embedding_models or build_embedding_models(settings)
+    """The app serving `registry`'s models (vllm_obtain.wiring builds them from the settings;
+    tests pass their own). Models load in the background once it starts, so health checks can
+    see "loading" meanwhile; a model that fails to load calls `on_load_failure` (the CLI
+    exits)."""
     embedding_models = embedding_models or EmbeddingModels()
 
     async def load() -> None:
@@ -90,11 +86,3 @@ def create_app(
     for module in (chat, completions, embeddings, models, health, metrics):
         app.include_router(module.router)
     return app
-
-
-def create_app_from_env() -> FastAPI:
-    """Factory for uvicorn's reloader (dev mode): it imports the app by name in a child process,
-    which needs its logging set up again."""
-    settings = Settings()
-    configure_logging_for(settings)
-    return create_app(settings)

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from vllm_obtain.api.dependencies import (
-    note_prompt,
-    plan_choices,
-    refuse_unsupported,
-    served_model,
-    stream_for,
-)
-from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.logprobs import chat_logprobs
 from vllm_obtain.api.protocol import (
     ChatChoice,
@@ -30,6 +22,13 @@ from vllm_obtain.api.protocol import (
     ToolCallDelta,
     Usage,
 )
+from vllm_obtain.api.request_scope import (
+    answer_stream,
+    note_prompt,
+    refuse_unimplemented,
+    request_id_of,
+    served_model,
+)
 from vllm_obtain.api.streaming import (
     CollectedChoice,
     ResponseMeta,
@@ -38,7 +37,8 @@ from vllm_obtain.api.streaming import (
     sse_response,
     unless_client_leaves,
 )
-from vllm_obtain.core.requests import ChoiceDelta
+from vllm_obtain.core.generation import Deltas
+from vllm_obtain.core.planning import plan_chat
 from vllm_obtain.core.tool_stream import (
     CallEvent,
     CallReader,
@@ -46,6 +46,7 @@ from vllm_obtain.core.tool_stream import (
     TaggedCallReader,
     assemble,
 )
+from vllm_obtain.core.tools import ToolUse
 
 router = APIRouter(tags=["chat"])
 
@@ -53,27 +54,14 @@ router = APIRouter(tags=["chat"])
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     model = served_model(request, body.model)
-    messages = [m.for_template() for m in body.messages]
+    messages = body.messages_for_template()
     note_prompt(request, messages)
-    refuse_unsupported(body, model)
-    if (problem := body.tool_choice_problem()) is not None:
-        raise InvalidRequestError(problem, param="tool_choice")
-    tools = body.active_tools()
-    prompt_tokens = await model.chat_prompt_tokens(messages, tools)
-    requests = plan_choices(
-        request,
-        model,
-        [prompt_tokens],
-        body,
-        body.token_limit,
-        prompt_param="messages",
-        json_output=body.json_output(),
-    )
-    meta = ResponseMeta.new("chatcmpl", model.id, len(prompt_tokens))
-    deltas = stream_for(
-        request, model, requests, body.stop_strings(), prompt_tokens=meta.prompt_tokens
-    )
-    shaping = ChatShaping(body, offers_tools=bool(tools))
+    refuse_unimplemented(body.unsupported_param())
+    options, tools = body.to_options(), body.tool_use()
+    plan = await plan_chat(model, messages, tools, options, request_id=request_id_of(request))
+    meta = ResponseMeta.new("chatcmpl", model.id, plan.prompt_tokens)
+    deltas = answer_stream(request, model, plan)
+    shaping = ChatShaping(tools, with_logprobs=options.logprobs is not None)
     if body.stream:
         chunks = chat_chunks(
             await primed(deltas), meta, shaping, body.n, include_usage=body.include_usage
@@ -94,10 +82,10 @@ class ChatShaping:
     """What a choice's text becomes for the client: content, tool calls read out of it, and
     the logprobs when asked for. The plain answer and the stream read calls the same way."""
 
-    def __init__(self, body: ChatCompletionRequest, *, offers_tools: bool) -> None:
-        self.with_logprobs = body.logprobs_count() is not None
-        self._forced = body.forced_tool_call()
-        self._offers_tools = offers_tools
+    def __init__(self, tools: ToolUse, *, with_logprobs: bool) -> None:
+        self.with_logprobs = with_logprobs
+        self._forced = tools.forced
+        self._offers_tools = bool(tools.offered())
         self._readers: dict[int, CallReader] = {}
 
     def read(self, index: int, text: str, *, last: bool) -> tuple[str, list[CallEvent]]:
@@ -154,13 +142,13 @@ def tool_call_delta(event: CallEvent) -> ToolCallDelta:
 
 
 async def chat_chunks(
-    deltas: AsyncIterator[ChoiceDelta],
+    deltas: Deltas,
     meta: ResponseMeta,
     shaping: ChatShaping,
     n: int,
     *,
     include_usage: bool,
-) -> AsyncIterator[ChatCompletionChunk]:
+) -> AsyncGenerator[ChatCompletionChunk, None]:
     """OpenAI's chunk sequence: the role first, content and tool call deltas, one
     finish_reason per choice, then the usage chunk (empty choices) when asked for."""
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from vllm_obtain.api.dependencies import (
-    note_prompt,
-    plan_choices,
-    refuse_unsupported,
-    served_model,
-    stream_for,
-)
 from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.logprobs import completion_logprobs
 from vllm_obtain.api.protocol import Completion, CompletionChoice, CompletionRequest
+from vllm_obtain.api.request_scope import (
+    answer_stream,
+    note_prompt,
+    refuse_unimplemented,
+    request_id_of,
+    served_model,
+)
 from vllm_obtain.api.streaming import (
     ResponseMeta,
     collect_choices,
@@ -24,7 +24,9 @@ from vllm_obtain.api.streaming import (
     sse_response,
     unless_client_leaves,
 )
-from vllm_obtain.core.requests import ChoiceDelta, FinishReason, TokenLogprob
+from vllm_obtain.contract import FinishReason, TokenLogprob
+from vllm_obtain.core.generation import Deltas
+from vllm_obtain.core.planning import plan_completion
 
 router = APIRouter(tags=["completions"])
 
@@ -33,18 +35,14 @@ router = APIRouter(tags=["completions"])
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     model = served_model(request, body.model)
     note_prompt(request, body.prompt)
-    refuse_unsupported(body, model)
-    prompts = [
-        p if isinstance(p, list) else await model.engine.tokenize(p, add_special=True)
-        for p in body.prompts()
-    ]
-    requests = plan_choices(request, model, prompts, body, body.max_tokens, prompt_param="prompt")
-    meta = ResponseMeta.new("cmpl", model.id, sum(len(p) for p in prompts))
-    count = len(requests)
-    shaping = ChoiceShaping(echoes(body), body.n, with_logprobs=body.logprobs is not None)
-    deltas = stream_for(
-        request, model, requests, body.stop_strings(), prompt_tokens=meta.prompt_tokens
+    refuse_unimplemented(body.unsupported_param())
+    plan = await plan_completion(
+        model, body.prompts(), body.to_options(), request_id=request_id_of(request)
     )
+    meta = ResponseMeta.new("cmpl", model.id, plan.prompt_tokens)
+    count = len(plan.choices)
+    shaping = ChoiceShaping(echoes(body), body.n, with_logprobs=body.logprobs is not None)
+    deltas = answer_stream(request, model, plan)
     if body.stream:
         return sse_response(completion_chunks(await primed(deltas), meta, shaping, body))
     choices = await unless_client_leaves(request, collect_choices(deltas, count))
@@ -100,11 +98,11 @@ class ChoiceShaping:
 
 
 async def completion_chunks(
-    deltas: AsyncIterator[ChoiceDelta],
+    deltas: Deltas,
     meta: ResponseMeta,
     shaping: ChoiceShaping,
     body: CompletionRequest,
-) -> AsyncIterator[Completion]:
+) -> AsyncGenerator[Completion, None]:
     completion_tokens = 0
     async for delta in deltas:
         if delta.finish_reason is not None:

@@ -7,14 +7,14 @@ import base64
 import numpy as np
 from fastapi import APIRouter, Request
 
-from vllm_obtain.api.dependencies import embedding_model, record_of
-from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.protocol import (
     EmbeddingData,
     EmbeddingList,
     EmbeddingRequest,
     EmbeddingUsage,
 )
+from vllm_obtain.api.request_scope import embedding_model, record_of
+from vllm_obtain.core.planning import plan_embedding
 
 router = APIRouter(tags=["embeddings"])
 
@@ -22,29 +22,7 @@ router = APIRouter(tags=["embeddings"])
 @router.post("/v1/embeddings", response_model=EmbeddingList)
 async def create_embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
     embedder, info = embedding_model(request, body.model).ready()
-    if body.dimensions is not None and body.dimensions != info.dimensions:
-        # Only models trained for it (Matryoshka) keep their meaning when cut short.
-        raise InvalidRequestError(
-            f"This model's embeddings have {info.dimensions} dimensions and cannot be "
-            "shortened; leave out 'dimensions'.",
-            param="dimensions",
-        )
-    token_lists = []
-    for item in body.inputs():
-        tokens = await embedder.tokenize(item) if isinstance(item, str) else item
-        if any(not 0 <= t < info.vocab_size for t in tokens):
-            raise InvalidRequestError(
-                f"input holds a token id outside the vocabulary (0 to {info.vocab_size - 1}).",
-                param="input",
-            )
-        if len(tokens) > info.context_length:
-            raise InvalidRequestError(
-                f"This model's maximum input length is {info.context_length} tokens; an input "
-                f"has {len(tokens)}. Split it into shorter chunks.",
-                param="input",
-                code="context_length_exceeded",
-            )
-        token_lists.append(tokens)
+    token_lists = await plan_embedding(embedder, info, body.inputs(), dimensions=body.dimensions)
     vectors = await embedder.embed(token_lists)
     prompt_tokens = sum(len(t) for t in token_lists)
     record_of(request).prompt_tokens = prompt_tokens

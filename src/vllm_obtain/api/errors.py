@@ -16,11 +16,11 @@ from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vllm_obtain.api.protocol import ErrorBody, ErrorResponse
+from vllm_obtain.contract import EngineError, EngineRequestError, EngineUnavailableError
 from vllm_obtain.core.generation import GenerationTimeoutError
-from vllm_obtain.core.manager import QueueFullError, UnknownModelError
-from vllm_obtain.core.prompts import PromptError
+from vllm_obtain.core.planning import ParamError
+from vllm_obtain.core.registry import QueueFullError, UnknownModelError
 from vllm_obtain.core.templates import ChatTemplateError
-from vllm_obtain.engines.base import EngineError, EngineRequestError, EngineUnavailableError
 
 
 class OpenAIError(Exception):
@@ -131,7 +131,7 @@ def as_openai_error(exc: Exception) -> OpenAIError:
         return exc
     if isinstance(exc, UnknownModelError):
         return NotFoundError(str(exc), param="model", code="model_not_found")
-    if isinstance(exc, PromptError):
+    if isinstance(exc, ParamError):
         return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, ChatTemplateError):
         return InvalidRequestError(str(exc), param="messages", code="invalid_messages")
@@ -180,7 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
         UnknownModelError,
         QueueFullError,
         GenerationTimeoutError,
-        PromptError,
+        ParamError,
         ChatTemplateError,
         EngineError,
         Exception,

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from vllm_obtain.api.dependencies import embedding_models_of, registry_of
-from vllm_obtain.core.manager import ModelRegistry
+from vllm_obtain.api.request_scope import embedding_models_of, registry_of
+from vllm_obtain.core.registry import ModelRegistry
 
 router = APIRouter(tags=["health"])
 
@@ -37,7 +37,7 @@ async def health(request: Request) -> JSONResponse:
             for m in models
         ],
         "embedding_models": [
-            {"id": e.id, "engine": "llama.cpp", "state": e.state, **e.stats()} for e in embedders
+            {"id": e.id, "engine": e.engine_name, "state": e.state, **e.stats()} for e in embedders
         ],
     }
     return JSONResponse(body, status_code=200 if "ready" in states else 503)

@@ -11,7 +11,7 @@ from vllm_obtain.api.protocol import (
     CompletionLogprobs,
     TopLogprob,
 )
-from vllm_obtain.core.requests import TokenLogprob
+from vllm_obtain.contract import TokenLogprob
 
 # JSON has no -inf (a token a grammar or a bias ruled out); vLLM reports the same stand-in.
 FLOOR = -9999.0

@@ -8,7 +8,7 @@ Each app has its own CollectorRegistry, so several apps in one process (tests) n
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from vllm_obtain.core.manager import ModelRegistry
-from vllm_obtain.core.requests import ChoiceDelta
+from vllm_obtain.core.generation import Deltas
+from vllm_obtain.core.registry import ModelRegistry
 
 PREFIX = "vllm_obtain"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
@@ -136,9 +136,7 @@ class ServerMetrics:
             self.prompt_tokens.labels(model).inc(record.prompt_tokens)
             self.generation_tokens.labels(model).inc(record.completion_tokens)
 
-    async def observe(
-        self, deltas: AsyncIterator[ChoiceDelta], record: RequestRecord
-    ) -> AsyncIterator[ChoiceDelta]:
+    async def observe(self, deltas: Deltas, record: RequestRecord) -> Deltas:
         """Pass the deltas through, timing the first one and the gaps between tokens."""
         model = record.model or ""
         produced: dict[int, int] = {}
@@ -159,7 +157,7 @@ class ServerMetrics:
                 record.completion_tokens = sum(produced.values())
                 yield delta
         finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await deltas.aclose()
 
 
 @router.get("/metrics", include_in_schema=False)

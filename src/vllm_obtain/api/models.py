@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from vllm_obtain.api.dependencies import embedding_models_of, registry_of
 from vllm_obtain.api.protocol import ModelCard, ModelList
+from vllm_obtain.api.request_scope import embedding_models_of, registry_of
 from vllm_obtain.core.embeddings import ServedEmbedder
-from vllm_obtain.core.manager import ServedModel
+from vllm_obtain.core.registry import ServedModel
 
 router = APIRouter(tags=["models"])
 

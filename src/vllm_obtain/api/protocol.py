@@ -4,6 +4,9 @@ Requests are strict: a wrong type is a 400 naming the param, never a silent coer
 OpenAI defines but this server does not implement yet are declared, so that using them is a clear
 400 (see `unsupported_param`) rather than being silently ignored. Unknown fields are ignored, as
 clients (LangChain, n8n, Dify) send vendor extras.
+
+Each request is translated here, once, into the core's engine-neutral terms (`to_options`,
+`tool_use`); nothing past the route sees these models.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from vllm_obtain.core.requests import JsonOutput, SamplingParams
-from vllm_obtain.core.tools import forced_call_schema
+from vllm_obtain.contract import JsonOutput, SamplingParams
+from vllm_obtain.core.planning import GenerationOptions
+from vllm_obtain.core.tools import ToolUse
 
 
 def _is_none(value: object) -> bool:
@@ -206,6 +210,17 @@ class SamplingFields(RequestModel):
             raise ValueError("logit_bias keys must be token ids")
         return bias
 
+    def to_options(self) -> GenerationOptions:
+        """The request in engine-neutral terms."""
+        return GenerationOptions(
+            sampling=self.sampling_params(),
+            max_tokens=self.token_limit,
+            n=self.n,
+            stop=tuple(self.stop_strings()),
+            logprobs=self.logprobs_count(),
+            json_output=self.json_output(),
+        )
+
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -217,20 +232,14 @@ class SamplingFields(RequestModel):
             logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())),
         )
 
-    def features_requested(self) -> set[str]:
-        """The params this request sets to something other than the default: an engine must
-        implement each of them (Engine.supported_params)."""
-        defaults = SamplingParams()
-        given = self.sampling_params()
-        features = {
-            name
-            for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "seed",
-                         "ignore_eos", "logit_bias")
-            if getattr(given, name) != getattr(defaults, name)
-        }  # fmt: skip
-        if self.logprobs_count() is not None:
-            features.add("logprobs")
-        return features
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens the client lets the completion have; None: no limit given."""
+        return None
+
+    def json_output(self) -> JsonOutput | None:
+        """The JSON the output must be, if the request constrains it."""
+        return None
 
     def logprobs_count(self) -> int | None:
         """How many alternatives to report per token; None: no logprobs at all."""
@@ -266,22 +275,19 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
     def json_output(self) -> JsonOutput | None:
-        if self.forced_tool_call():
-            choice = self.tool_choice
-            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
-            # A named function is called once; "required" may call several, unless told not to.
-            parallel = name is None and self.parallel_tool_calls is not False
-            schema = forced_call_schema(self.active_tools(), name, parallel=parallel)
-            return JsonOutput(json.dumps(schema), param="tool_choice")
         return self.response_format.json_output() if self.response_format else None
 
-    def features_requested(self) -> set[str]:
-        features = super().features_requested()
-        if self.forced_tool_call():
-            features.add("tool_choice")  # forcing a call is a JSON constraint, as below
-        elif self.json_output() is not None:
-            features.add("response_format")
-        return features
+    def messages_for_template(self) -> list[dict[str, Any]]:
+        return [message.for_template() for message in self.messages]
+
+    def tool_use(self) -> ToolUse:
+        choice = self.tool_choice
+        return ToolUse(
+            tools=tuple(tool.model_dump(exclude_none=True) for tool in self.tools or ()),
+            choice=None if isinstance(choice, NamedToolChoice) else choice,
+            function=choice.function.name if isinstance(choice, NamedToolChoice) else None,
+            parallel=self.parallel_tool_calls,
+        )
 
     @field_validator("top_logprobs")
     @classmethod
@@ -292,30 +298,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def tool_choice_problem(self) -> str | None:
-        """Why tool_choice cannot be honoured with these tools, if it cannot."""
-        choice = self.tool_choice
-        names = {t.function.name for t in self.tools or []}
-        if choice not in (None, "none", "auto") and not names:
-            return "tool_choice needs tools to choose from."
-        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            return f"tool_choice names '{choice.function.name}', which is not in tools."
-        if self.forced_tool_call() and self.json_format_asked():
-            return "A tool_choice that forces a call cannot be combined with response_format."
-        return None
-
-    def json_format_asked(self) -> bool:
-        return self.response_format is not None and self.response_format.type != "text"
-
-    def active_tools(self) -> list[dict[str, Any]]:
-        """The tools the model is offered (none under tool_choice "none")."""
-        if not self.tools or self.tool_choice == "none":
-            return []
-        return [t.model_dump(exclude_none=True) for t in self.tools]
-
-    def forced_tool_call(self) -> bool:
-        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
 
 PromptParam = str | list[str] | list[int] | list[list[int]]
@@ -329,14 +311,18 @@ class CompletionRequest(SamplingFields):
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: int | None = None
 
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
     def prompts(self) -> list[str | list[int]]:
         """The prompt param as a list of prompts, each text or token ids."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return [prompt]
         if prompt and all(isinstance(p, int) for p in prompt):
-            return [list(prompt)]  # type: ignore[arg-type]
-        return list(prompt)  # type: ignore[arg-type]
+            return [[p for p in prompt if isinstance(p, int)]]
+        return [p for p in prompt if not isinstance(p, int)]
 
     def logprobs_count(self) -> int | None:
         return self.logprobs
@@ -374,8 +360,8 @@ class EmbeddingRequest(RequestModel):
         if isinstance(given, str):
             return [given]
         if all(isinstance(item, int) for item in given):
-            return [list(given)]  # type: ignore[arg-type]
-        return list(given)  # type: ignore[arg-type]
+            return [[item for item in given if isinstance(item, int)]]
+        return [item for item in given if not isinstance(item, int)]
 
 
 # --- responses -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from vllm_obtain.api.errors import ClientGoneError, as_openai_error
 from vllm_obtain.api.protocol import Usage
-from vllm_obtain.core.requests import ChoiceDelta, FinishReason, TokenLogprob
+from vllm_obtain.contract import FinishReason, TokenLogprob
+from vllm_obtain.core.generation import Deltas
 
 T = TypeVar("T")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -52,7 +53,7 @@ class CollectedChoice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-async def collect_choices(deltas: AsyncIterator[ChoiceDelta], count: int) -> list[CollectedChoice]:
+async def collect_choices(deltas: Deltas, count: int) -> list[CollectedChoice]:
     """Run the stream to its end and gather each choice's whole text."""
     choices = [CollectedChoice() for _ in range(count)]
     async for delta in deltas:
@@ -88,23 +89,23 @@ async def unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def primed(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+async def primed(deltas: Deltas) -> Deltas:
     """Wait for the first delta before answering, so a failure before any token is a plain
     error response with its status code instead of an error inside a 200 stream."""
     first = await anext(deltas)
 
-    async def chained() -> AsyncIterator[ChoiceDelta]:
+    async def chained() -> Deltas:
         try:
             yield first
             async for delta in deltas:
                 yield delta
         finally:
-            await deltas.aclose()  # type: ignore[attr-defined]
+            await deltas.aclose()
 
     return chained()
 
 
-async def sse_frames(objects: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def sse_frames(objects: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str, None]:
     """`data: {json}` per object, then `data: [DONE]`; a failure mid-stream becomes an error
     event (the OpenAI SDKs raise it as APIError) rather than a silently truncated answer."""
     try:
@@ -115,11 +116,11 @@ async def sse_frames(objects: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
         logger.opt(exception=exc).error("stream failed: {}", exc)
         yield f"data: {error.envelope().model_dump_json()}\n\n"
     finally:
-        await objects.aclose()  # type: ignore[attr-defined]
+        await objects.aclose()
     yield "data: [DONE]\n\n"
 
 
-def sse_response(objects: AsyncIterator[BaseModel]) -> StreamingResponse:
+def sse_response(objects: AsyncGenerator[BaseModel, None]) -> StreamingResponse:
     return StreamingResponse(
         sse_frames(objects), media_type="text/event-stream", headers=SSE_HEADERS
     )

@@ -7,26 +7,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from loguru import logger
 
-from vllm_obtain.engines.base import EngineUnavailableError
-from vllm_obtain.engines.llama_cpp_embed import EmbeddingModelInfo
-
-
-class Embedder(Protocol):
-    """What /v1/embeddings needs of an engine."""
-
-    name: str
-
-    async def load(self) -> EmbeddingModelInfo: ...
-
-    async def unload(self) -> None: ...
-
-    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]: ...
-
-    async def embed(self, inputs: list[list[int]]) -> list[list[float]]: ...
+from vllm_obtain.contract import Embedder, EmbeddingModelInfo, EngineState, EngineUnavailableError
 
 
 @dataclass
@@ -37,6 +21,7 @@ class ServedEmbedder:
     id: str
     weights: Callable[[], Path]
     make_embedder: Callable[[Path], Embedder]
+    engine_name: str = ""  # for /health, known before the model loads
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "vllm-obtain"
     embedder: Embedder | None = None
@@ -54,16 +39,15 @@ class ServedEmbedder:
             logger.error("embedding model {} could not load: {}", self.id, self.load_error)
 
     @property
-    def state(self) -> str:
+    def state(self) -> EngineState:
         if self.load_error is not None:
             return "failed"
         if self.embedder is None:
             return "loading"
-        return str(getattr(self.embedder, "state", "ready"))
+        return self.embedder.state
 
     def stats(self) -> dict[str, float]:
-        stats = getattr(self.embedder, "stats", None)
-        return stats() if stats is not None else {}
+        return self.embedder.stats() if self.embedder is not None else {}
 
     def ready(self) -> tuple[Embedder, EmbeddingModelInfo]:
         if self.embedder is None or self.info is None:

@@ -8,18 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import replace
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 
-from vllm_obtain.core.manager import ServedModel
-from vllm_obtain.core.requests import ChoiceDelta, GenerationRequest, TokenLogprob
+from vllm_obtain.contract import Engine, FinishReason, GenerationRequest, TokenLogprob
+from vllm_obtain.core.planning import Plan
+from vllm_obtain.core.registry import ServedModel
 from vllm_obtain.core.textstream import TextStream
-from vllm_obtain.engines.base import Engine
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceDelta:
+    """Text ready for the client, for one choice: the unit response shaping works on."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind this text, when asked for
+
+
+# One request's text as it becomes ready; closing the generator cancels the generation.
+Deltas = AsyncGenerator[ChoiceDelta, None]
+
+
+def run_plan(model: ServedModel, plan: Plan) -> Deltas:
+    """All the choices of a planned request as one stream: admitted against the model's bounded
+    queue (a full queue is refused before any answer), cut off at its request timeout."""
+    deltas = generate_choices(model.engine, plan.choices, plan.stops)
+    deltas = before_deadline(deltas, model.limits.request_timeout)
+    return admitted(model, len(plan.choices), deltas)
 
 
 async def stream_choice(
     engine: Engine, request: GenerationRequest, *, index: int, stops: Sequence[str]
-) -> AsyncIterator[ChoiceDelta]:
+) -> Deltas:
     """Generate one choice; stop strings cut the text and end the generation early."""
     text = TextStream(stops)
     produced = 0
@@ -43,24 +66,10 @@ async def stream_choice(
                 logprobs = ()
     finally:
         # Closing the engine's stream is what cancels the generation (stop string, client gone).
-        await tokens.aclose()  # type: ignore[attr-defined]
+        await tokens.aclose()
 
 
-def seeded_for_choice(request: GenerationRequest, index: int) -> GenerationRequest:
-    """Choice i of a seeded request uses seed + i: distinct choices, reproducible as a set."""
-    seed = request.sampling.seed
-    if seed is None or index == 0:
-        return replace(request, request_id=f"{request.request_id}-{index}")
-    return replace(
-        request,
-        request_id=f"{request.request_id}-{index}",
-        sampling=replace(request.sampling, seed=seed + index),
-    )
-
-
-async def merge_streams(
-    streams: Sequence[AsyncIterator[ChoiceDelta]],
-) -> AsyncIterator[ChoiceDelta]:
+async def merge_streams(streams: Sequence[Deltas]) -> Deltas:
     """Interleave several choice streams as their items arrive; cancel them all on exit."""
     if len(streams) == 1:
         async for item in streams[0]:
@@ -68,7 +77,7 @@ async def merge_streams(
         return
     queue: asyncio.Queue[ChoiceDelta | BaseException | None] = asyncio.Queue()
 
-    async def pump(stream: AsyncIterator[ChoiceDelta]) -> None:
+    async def pump(stream: Deltas) -> None:
         try:
             async for item in stream:
                 await queue.put(item)
@@ -100,7 +109,7 @@ def generate_choices(
     engine: Engine,
     requests: Sequence[tuple[int, GenerationRequest]],
     stops: Sequence[str],
-) -> AsyncIterator[ChoiceDelta]:
+) -> Deltas:
     """All choices of one API request, each (index, request), merged into one stream."""
     return merge_streams(
         [stream_choice(engine, request, index=index, stops=stops) for index, request in requests]
@@ -111,9 +120,7 @@ class GenerationTimeoutError(TimeoutError):
     """The request ran past the server's request timeout."""
 
 
-async def before_deadline(
-    deltas: AsyncIterator[ChoiceDelta], seconds: float
-) -> AsyncIterator[ChoiceDelta]:
+async def before_deadline(deltas: Deltas, seconds: float) -> Deltas:
     """Pass the deltas through until `seconds` have passed, then cancel the generation."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -129,12 +136,10 @@ async def before_deadline(
                 ) from None
             yield delta
     finally:
-        await deltas.aclose()  # type: ignore[attr-defined]
+        await deltas.aclose()
 
 
-async def admitted(
-    model: ServedModel, sequences: int, deltas: AsyncIterator[ChoiceDelta]
-) -> AsyncIterator[ChoiceDelta]:
+async def admitted(model: ServedModel, sequences: int, deltas: Deltas) -> Deltas:
     """Hold `sequences` places in the model's bounded queue while the deltas flow. Admission
     happens at the first item, so a full queue (QueueFullError) is raised before any answer."""
     model.admit(sequences)
@@ -143,4 +148,4 @@ async def admitted(
             yield delta
     finally:
         model.release(sequences)
-        await deltas.aclose()  # type: ignore[attr-defined]
+        await deltas.aclose()

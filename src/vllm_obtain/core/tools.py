@@ -16,11 +16,13 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import jinja2
 import jinja2.meta
 
+from vllm_obtain.contract import JsonOutput
 from vllm_obtain.core.tool_stream import CLOSE, OPEN
 
 MAX_PARALLEL_CALLS = 8
@@ -39,6 +41,46 @@ For each function call, return a json object with function name and arguments wi
 <tool_call>
 {{"name": <function-name>, "arguments": <args-json-object>}}
 </tool_call>"""
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """The tools a chat request offers and how the model must use them: OpenAI's `tools`,
+    `tool_choice` (none, auto, required, or one named function) and `parallel_tool_calls`."""
+
+    tools: tuple[Mapping[str, Any], ...] = ()  # function tools, as OpenAI defines them
+    choice: Literal["none", "auto", "required"] | None = None
+    function: str | None = None  # tool_choice naming a function: it is called, once
+    parallel: bool | None = None
+
+    @property
+    def forced(self) -> bool:
+        """Whether the answer must be a call (then its JSON is enforced while decoding)."""
+        return self.choice == "required" or self.function is not None
+
+    def offered(self) -> list[dict[str, Any]]:
+        """The tools the model is told about (none under tool_choice "none")."""
+        if self.choice == "none":
+            return []
+        return [dict(tool) for tool in self.tools]
+
+    def problem(self, *, json_format_asked: bool) -> str | None:
+        """Why this tool_choice cannot be honoured, if it cannot."""
+        names = {tool["function"]["name"] for tool in self.tools}
+        if self.forced and not names:
+            return "tool_choice needs tools to choose from."
+        if self.function is not None and self.function not in names:
+            return f"tool_choice names '{self.function}', which is not in tools."
+        if self.forced and json_format_asked:
+            return "A tool_choice that forces a call cannot be combined with response_format."
+        return None
+
+    def forced_output(self) -> JsonOutput:
+        """The JSON a forced answer must be: one call of the named function, or under
+        "required" a list of calls (one call if parallel calls are turned off)."""
+        parallel = self.function is None and self.parallel is not False
+        schema = forced_call_schema(self.offered(), self.function, parallel=parallel)
+        return JsonOutput(json.dumps(schema), param="tool_choice")
 
 
 @functools.lru_cache(maxsize=16)

@@ -6,24 +6,17 @@ Detection gathers facts (`detect_platform`); the choice is a pure function of th
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import platform as stdlib_platform
+import platform
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_obtain.catalog import ModelFormat
-from vllm_obtain.engines.base import EngineNotInstalledError
+from vllm_obtain.contract import EngineNotInstalledError
+from vllm_obtain.engines.registry import ENGINES, installed_engines
+from vllm_obtain.weights.catalog import ModelFormat
 
-ENGINES = ("llama.cpp", "vllm", "mlx")
-ENGINE_PACKAGES = {"llama.cpp": "llama_cpp", "vllm": "vllm", "mlx": "mlx_lm"}
-INSTALL_HINTS = {
-    "llama.cpp": "./install.sh (it builds llama-cpp-python for this CPU)",
-    "vllm": "./install.sh --engines vllm (Linux; NVIDIA/AMD GPU, or vLLM's CPU build)",
-    "mlx": "./install.sh --engines mlx (Apple Silicon; CPU build elsewhere)",
-}
 CPU_FEATURES = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
 
 
@@ -61,7 +54,7 @@ def choose_engine(
     if requested != "auto":
         if requested not in info.installed_engines:
             raise EngineNotInstalledError(
-                f"the {requested} engine is not installed: {INSTALL_HINTS[requested]}"
+                f"the {requested} engine is not installed: {ENGINES[requested].install_hint}"
             )
         return requested, "asked for with --engine"
     installed = info.installed_engines
@@ -80,34 +73,34 @@ def choose_engine(
             if engine in installed:
                 return engine, f"a Hugging Face-format model needs {engine} (llama.cpp reads GGUF)"
         raise EngineNotInstalledError(
-            f"a Hugging Face-format model needs vLLM or MLX: {INSTALL_HINTS['vllm']}"
+            f"a Hugging Face-format model needs vLLM or MLX: {ENGINES['vllm'].install_hint}"
         )
     if "llama.cpp" in installed:
         return "llama.cpp", "no Apple Silicon or CUDA/ROCm GPU: llama.cpp is fastest on CPU"
     if installed:
         return installed[0], "the only engine installed"
-    raise EngineNotInstalledError(f"no inference engine is installed: {INSTALL_HINTS['llama.cpp']}")
+    raise EngineNotInstalledError(
+        f"no inference engine is installed: {ENGINES['llama.cpp'].install_hint}"
+    )
 
 
 def detect_platform() -> PlatformInfo:
     """Facts about this machine, gathered without importing any engine."""
     return PlatformInfo(
-        system=stdlib_platform.system(),
-        machine=stdlib_platform.machine(),
+        system=platform.system(),
+        machine=platform.machine(),
         cpu_count=os.cpu_count() or 1,
         cpu_features=_cpu_features(),
         memory_gib=_memory_gib(),
         gpus=_nvidia_gpus() + _amd_gpus(),
-        installed_engines=tuple(
-            e for e in ENGINES if importlib.util.find_spec(ENGINE_PACKAGES[e]) is not None
-        ),
+        installed_engines=installed_engines(),
     )
 
 
 def _cpu_features() -> tuple[str, ...]:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
-        return ("neon",) if stdlib_platform.machine() == "arm64" else ()
+        return ("neon",) if platform.machine() == "arm64" else ()
     for line in cpuinfo.read_text(errors="replace").splitlines():
         if line.startswith(("flags", "Features")):
             flags = set(line.split(":", 1)[1].split())

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vllm_obtain.contract import WeightFormat
+
 ModelFormat = Literal["gguf", "hf", "alias"]
 
 
@@ -26,7 +28,9 @@ class ResolvedModel:
 
 @lru_cache(maxsize=1)
 def load_catalog() -> dict[str, Any]:
-    text = resources.files("vllm_obtain").joinpath("models.yaml").read_text(encoding="utf-8")
+    text = (
+        resources.files("vllm_obtain.weights").joinpath("models.yaml").read_text(encoding="utf-8")
+    )
     catalog: dict[str, Any] = yaml.safe_load(text)
     return catalog
 
@@ -67,9 +71,10 @@ def _unknown_model(name: str, models_dir: Path) -> ModelResolutionError:
 
 
 def resolve_model(
-    name: str | None, *, engine: str, models_dir: Path, cache_dir: Path
+    name: str | None, *, engine: str, reads: WeightFormat, models_dir: Path, cache_dir: Path
 ) -> ResolvedModel:
-    """The weights `name` refers to, in the format `engine` reads, fetched or made once."""
+    """The weights `name` refers to for `engine`, in the format it `reads`, fetched or made
+    once."""
     name = name or load_catalog()["default"]
     entry = load_catalog()["models"].get(name)
     if entry is not None:
@@ -80,13 +85,13 @@ def resolve_model(
     if local is None:
         raise _unknown_model(name, models_dir)
     model_id = local.stem.lower() if local.is_file() else local.name.lower()
-    if engine == "llama.cpp" and local.is_dir():
+    if reads == "gguf" and local.is_dir():
         raise ModelResolutionError(
-            f"llama.cpp needs a GGUF file and '{name}' is a Hugging Face directory: "
-            "serve it with --engine vllm or --engine mlx"
+            f"{engine} needs a GGUF file and '{name}' is a Hugging Face directory: "
+            "serve it with an engine that reads those (--engine vllm or --engine mlx)"
         )
-    if engine != "llama.cpp" and local.is_file():
-        from vllm_obtain.convert import gguf_to_hf
+    if reads == "hf" and local.is_file():
+        from vllm_obtain.weights.gguf_to_hf import gguf_to_hf
 
         local = gguf_to_hf(local, cache_dir)
     return ResolvedModel(id=model_id, path=local)
@@ -99,7 +104,7 @@ def _from_catalog(
     if source is None:
         raise ModelResolutionError(f"'{alias}' has no {engine} source in the catalogue")
     if "convert" in source:
-        from vllm_obtain.convert import gguf_to_hf
+        from vllm_obtain.weights.gguf_to_hf import gguf_to_hf
 
         gguf = _from_catalog(alias, entry, source["convert"], models_dir, cache_dir)
         return gguf_to_hf(gguf, cache_dir)
@@ -125,7 +130,7 @@ def _from_catalog(
 def resolve_embedding_model(name: str, *, models_dir: Path, cache_dir: Path) -> ResolvedModel:
     """The GGUF file of embedding model `name`: an alias, a GGUF file, or a sentence-transformers
     BERT directory (converted once)."""
-    from vllm_obtain.embedding_convert import bert_to_gguf
+    from vllm_obtain.weights.bert_to_gguf import bert_to_gguf
 
     entry = load_catalog().get("embedding_models", {}).get(name)
     if entry is not None:

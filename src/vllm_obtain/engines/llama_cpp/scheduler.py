@@ -20,15 +20,24 @@ from __future__ import annotations
 import itertools
 import queue
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from loguru import logger
 
-from vllm_obtain.core.requests import TokenChunk
-from vllm_obtain.engines.base import EngineRequestError
-from vllm_obtain.engines.llama_cpp_sampling import SequenceSampler
-from vllm_obtain.engines.worker_thread import Job
+from vllm_obtain.contract import GenerationRequest, TokenChunk, TokenLogprob
+from vllm_obtain.engines.engine_thread import Job
+
+
+class Sampler(Protocol):
+    """Picks one sequence's tokens (sampling.SequenceSampler)."""
+
+    last_logprob: TokenLogprob | None  # of the last sampled token, when the request asked
+
+    def sample(self, ctx: Any, index: int) -> int: ...
+
+    def close(self) -> None: ...
 
 
 def shared_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
@@ -49,7 +58,7 @@ class Slot:
     job: Job | None = None
     pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
     next_token: int | None = None  # sampled, to be evaluated in the next step
-    sampler: SequenceSampler | None = None
+    sampler: Sampler | None = None
     reserved: int = 0  # KV cells held for this request: prompt + max_tokens
     produced: int = 0
     last_used: int = 0
@@ -60,24 +69,26 @@ class Slot:
 
 
 class BatchScheduler:
-    """Runs on the engine thread; owns the context, the batch and the slots."""
+    """Runs on the engine thread; owns the context, the batch and the slots.
+
+    `lib` is llama_cpp's C API (batches, KV memory, decode); `make_sampler` gives a request its
+    sampler, or raises (EngineRequestError: refused) to fail that request alone.
+    """
 
     def __init__(
         self,
         lib: Any,
-        internals: Any,
         ctx: Any,
         *,
-        vocab: Any,
-        n_vocab: int,
+        make_sampler: Callable[[GenerationRequest], Sampler],
         pieces: list[bytes],
         is_eog: list[bool],
         n_slots: int,
         kv_tokens: int,
         batch_size: int,
     ) -> None:
-        self._lib, self._internals, self._ctx = lib, internals, ctx
-        self._vocab, self._n_vocab, self._pieces, self._is_eog = vocab, n_vocab, pieces, is_eog
+        self._lib, self._ctx, self._make_sampler = lib, ctx, make_sampler
+        self._pieces, self._is_eog = pieces, is_eog
         self._kv_tokens, self._batch_size = kv_tokens, batch_size
         self._batch = lib.llama_batch_init(batch_size, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
@@ -112,14 +123,18 @@ class BatchScheduler:
                     incoming = jobs.get_nowait()
             except queue.Empty:
                 pass
-            self._drop_cancelled()
-            try:
-                self._admit()
-                if self.running:
-                    self._step()
-            except Exception as exc:  # a bug or a native error: fail these requests, keep serving
-                logger.exception("llama.cpp step failed")
-                self._fail_all(exc)
+            self.step()
+
+    def step(self) -> None:
+        """Drop cancelled requests, admit the waiting ones that fit, decode one step."""
+        self._drop_cancelled()
+        try:
+            self._admit()
+            if self.running:
+                self._decode()
+        except Exception as exc:  # a bug or a native error: fail these requests, keep serving
+            logger.exception("llama.cpp step failed")
+            self._fail_all(exc)
 
     # --- admission ------------------------------------------------------------------------
 
@@ -148,25 +163,27 @@ class BatchScheduler:
                 return
             self.waiting.popleft()
             try:
-                sampler = SequenceSampler(
-                    self._lib, self._internals, self._vocab, job.request, self._pieces
-                )
-            except EngineRequestError as exc:  # this request alone is refused
+                sampler = self._make_sampler(job.request)
+            except Exception as exc:  # this request alone fails (refused: a 400), never lost
                 job.emit(exc)
                 continue
             self._start(slot, job, sampler)
 
     def _make_room(self, need: int, *, keep: Slot) -> bool:
-        """Evict the KV of idle slots, least recently used first, until `need` cells fit."""
+        """Evict the KV of idle slots, least recently used first, until `need` cells fit; evict
+        nothing when even all of it would not make room (the request waits, the caches stay)."""
         idle = sorted((s for s in self.slots if not s.busy and s is not keep and s.cached),
                       key=lambda s: s.last_used)  # fmt: skip
-        while self._kv_in_use(excluding=keep) + need > self._kv_tokens:
-            if not idle:
-                return False
-            self._clear_cache(idle.pop(0))
+        in_use = self._kv_in_use(excluding=keep)
+        if in_use - sum(len(s.cached) for s in idle) + need > self._kv_tokens:
+            return False
+        while in_use + need > self._kv_tokens:
+            slot = idle.pop(0)
+            in_use -= len(slot.cached)
+            self._clear_cache(slot)
         return True
 
-    def _start(self, slot: Slot, job: Job, sampler: Any) -> None:
+    def _start(self, slot: Slot, job: Job, sampler: Sampler) -> None:
         prompt = list(job.request.prompt_tokens)
         # Whole chunks only (see the module docstring), and at least one prompt token must be
         # evaluated to get the logits for the first sample.
@@ -185,7 +202,7 @@ class BatchScheduler:
 
     # --- one decoding step ----------------------------------------------------------------
 
-    def _step(self) -> None:
+    def _decode(self) -> None:
         batch = self._batch
         batch.n_tokens = 0
         sample_at: list[tuple[Slot, int]] = []

@@ -11,20 +11,23 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk, TokenLogprob
-from vllm_obtain.engines.base import (
+from vllm_obtain.contract import (
     CONSTRAINED_OUTPUT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
     EngineRequestError,
     EngineState,
+    GenerationRequest,
+    ModelInfo,
+    TokenChunk,
+    TokenLogprob,
 )
 
 
@@ -94,7 +97,7 @@ class VllmEngine:
     def stats(self) -> dict[str, float]:
         return {"running": self._running, "waiting": 0}
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

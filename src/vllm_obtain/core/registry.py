@@ -1,4 +1,6 @@
-"""Which models are served, under which id, on which engine; loading and unloading them."""
+"""Which models are served, under which id, on which engine; loading and unloading them.
+
+This is the seed of the many-model manager: today the server holds one chat model."""
 
 from __future__ import annotations
 
@@ -9,10 +11,9 @@ from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import ModelInfo
+from vllm_obtain.contract import Engine, EngineState, EngineUnavailableError, ModelInfo
 from vllm_obtain.core.templates import ChatTemplateError, render_chat_prompt
 from vllm_obtain.core.tools import messages_with_tools, plain_messages, template_renders_tools
-from vllm_obtain.engines.base import Engine, EngineState, EngineUnavailableError
 
 
 class UnknownModelError(LookupError):

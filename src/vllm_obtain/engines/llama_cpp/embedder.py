@@ -9,33 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from loguru import logger
 
-from vllm_obtain.engines.base import EngineNotInstalledError
+from vllm_obtain.contract import EmbeddingModelInfo, EngineNotInstalledError, EngineState
 
 # Sequences, and tokens, per decode call: enough to batch a client's list of chunks.
 MAX_SEQUENCES = 16
 BATCH_TOKENS = 2048
 
 
-@dataclass(frozen=True)
-class EmbeddingModelInfo:
-    dimensions: int
-    context_length: int  # tokens per input, [CLS] and [SEP] included
-    vocab_size: int
-
-
 class LlamaCppEmbedder:
     """Serves one embedding GGUF."""
 
     name = "llama.cpp"
-    supported_params: frozenset[str] = frozenset()
-    max_running = 1
+    state: EngineState = "ready"
 
     def __init__(self, model_path: Path, *, threads: int | None = None) -> None:
         self.model_path = Path(model_path)

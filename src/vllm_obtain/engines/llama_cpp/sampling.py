@@ -1,5 +1,5 @@
 """How one llama.cpp sequence picks its next token: its own sampler chain, and a grammar when
-the output must be JSON.
+the output must be JSON (grammar.py makes it).
 
 The grammar is checked last, the way llama.cpp's own server does it: sample as usual, and only
 if the token breaks the grammar, sample again with the grammar applied to the whole vocabulary.
@@ -10,16 +10,14 @@ most sampled tokens already fit.
 from __future__ import annotations
 
 import ctypes
-import functools
-import json
 import math
 import random
 from typing import Any
 
 import numpy as np
 
-from vllm_obtain.core.requests import GenerationRequest, JsonOutput, TokenLogprob
-from vllm_obtain.engines.base import EngineRequestError
+from vllm_obtain.contract import EngineRequestError, GenerationRequest, TokenLogprob
+from vllm_obtain.engines.llama_cpp.grammar import gbnf_for
 
 # OpenAI's penalties count the text generated so far; llama.cpp looks back a fixed window.
 PENALTY_WINDOW = 64
@@ -31,59 +29,6 @@ def client_seed_to_llama(seed: int | None, fallback: int) -> int:
     """Map an OpenAI seed (any int64, or none) to llama.cpp's uint32 sampler seed."""
     value = (fallback if seed is None else seed) & 0xFFFFFFFF
     return value - 1 if value == _LLAMA_RANDOM_SEED else value
-
-
-# Schema keywords llama-cpp-python's grammar converter passes over without enforcing: a schema
-# using one is refused rather than answered with JSON that may break it.
-UNENFORCED_KEYWORDS = frozenset({
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
-    "not", "contains", "minProperties", "maxProperties", "patternProperties", "if", "then",
-    "else", "dependentRequired", "dependentSchemas",
-})  # fmt: skip
-# Keywords whose value maps names to schemas (the names are not keywords).
-_NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions"})
-
-
-def unenforced_keywords(schema: object) -> set[str]:
-    """The keywords of `schema`, at any depth, that the grammar would not enforce."""
-    found: set[str] = set()
-    if isinstance(schema, list):
-        for item in schema:
-            found |= unenforced_keywords(item)
-    elif isinstance(schema, dict):
-        for key, value in schema.items():
-            if key in _NAMED_SCHEMAS and isinstance(value, dict):
-                for named in value.values():
-                    found |= unenforced_keywords(named)
-                continue
-            if key in UNENFORCED_KEYWORDS:
-                found.add(key)
-            if key not in ("enum", "const", "default", "examples"):
-                found |= unenforced_keywords(value)
-    return found
-
-
-@functools.lru_cache(maxsize=64)
-def gbnf_for(json_output: JsonOutput) -> str:
-    """The llama.cpp grammar (GBNF) for a JSON constraint; clients repeat their schemas."""
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
-    if json_output.schema is None:
-        return JSON_GBNF
-    unenforced = unenforced_keywords(json.loads(json_output.schema))
-    if unenforced:
-        raise EngineRequestError(
-            "The llama.cpp engine cannot enforce these JSON schema keywords: "
-            f"{', '.join(sorted(unenforced))}.",
-            param=json_output.param,
-        )
-    try:
-        return json_schema_to_gbnf(json_output.schema)
-    except Exception as exc:  # the converter raises bare errors on what it does not support
-        raise EngineRequestError(
-            f"llama.cpp cannot turn this JSON schema into a grammar: {exc}",
-            param=json_output.param,
-        ) from exc
 
 
 def log_softmax(logits: Any) -> Any:

@@ -1,11 +1,15 @@
-"""Engine-neutral requests and events: plain data that can cross a thread or a process."""
+"""The plain data that crosses the engine boundary: requests in, token chunks out, and what a
+loaded model reports. Frozen dataclasses of builtins, so they cross a thread or a process
+(pickled) unchanged."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length"]
+# What an engine reads: GGUF files (llama.cpp's own format), or Hugging Face-format directories.
+WeightFormat = Literal["gguf", "hf"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,11 +86,25 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class ChoiceDelta:
-    """Text ready for the client, for one choice: the unit response shaping works on."""
+class EmbeddingModelInfo:
+    """What /v1/embeddings needs to know about a loaded embedding model."""
 
-    index: int
-    text: str
-    finish_reason: FinishReason | None = None
-    completion_tokens: int = 0
-    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens behind this text, when asked for
+    dimensions: int
+    context_length: int  # tokens per input, special tokens included
+    vocab_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to build an engine: the tunables the operator set, for whichever engine reads them
+    (the rest are ignored). Sent to the engine's process with the model path."""
+
+    context_length: int = 0  # tokens; 0: the model's own (llama.cpp: bounded, see its engine)
+    threads: int | None = None  # CPU threads; None: all cores
+    batch_size: int = 512  # llama.cpp: tokens per decoding step
+    parallel: int = 16  # llama.cpp: sequences decoded together
+    kv_cache_tokens: int = 0  # llama.cpp: KV cells shared by all sequences; 0: automatic
+    gpu_layers: int = -1  # llama.cpp: layers offloaded to a GPU when there is one; -1: all
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments as given
+    cpu_kv_cache_gib: int | None = None  # vLLM on CPU: KV cache size
+    max_batch: int = 32  # MLX: sequences decoded together

@@ -12,29 +12,27 @@ import json
 import queue
 import random
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import (
+from vllm_obtain.contract import (
+    CONSTRAINED_OUTPUT,
+    STANDARD_SAMPLING,
+    EngineError,
+    EngineNotInstalledError,
+    EngineState,
     GenerationRequest,
     ModelInfo,
     SamplingParams,
     TokenChunk,
     TokenLogprob,
 )
-from vllm_obtain.engines.base import (
-    CONSTRAINED_OUTPUT,
-    STANDARD_SAMPLING,
-    EngineError,
-    EngineNotInstalledError,
-    EngineState,
-)
-from vllm_obtain.engines.mlx_json import JsonGrammars
-from vllm_obtain.engines.worker_thread import Job, stream_job
+from vllm_obtain.engines.engine_thread import Job, stream_job
+from vllm_obtain.engines.mlx.json_grammar import JsonGrammars
 
 # OpenAI's penalties count what was generated so far; mlx-lm looks back a fixed window.
 PENALTY_WINDOW = 64
@@ -136,7 +134,7 @@ class MlxEngine:
     def stats(self) -> dict[str, float]:
         return {"running": self._active, "waiting": self._jobs.qsize()}
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         if self._thread is None:
             raise EngineError("the MLX engine is not running")
         return stream_job(self._jobs, request, self.name)

@@ -1,7 +1,7 @@
 """llama.cpp through llama-cpp-python's low-level API: GGUF models on CPU, CUDA, Metal or ROCm.
 
 A llama.cpp context is not thread-safe, so one dedicated thread owns the model, the context and
-the batch scheduler (llama_cpp_batch.py); the event loop exchanges plain data with it.
+the batch scheduler (scheduler.py); the event loop exchanges plain data with it.
 """
 
 from __future__ import annotations
@@ -11,22 +11,25 @@ import ctypes
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.core.requests import GenerationRequest, ModelInfo, TokenChunk
-from vllm_obtain.engines.base import (
+from vllm_obtain.contract import (
     CONSTRAINED_OUTPUT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
     EngineState,
+    GenerationRequest,
+    ModelInfo,
+    TokenChunk,
 )
-from vllm_obtain.engines.llama_cpp_batch import BatchScheduler
-from vllm_obtain.engines.worker_thread import Job, stream_job
+from vllm_obtain.engines.engine_thread import Job, stream_job
+from vllm_obtain.engines.llama_cpp.sampling import SequenceSampler
+from vllm_obtain.engines.llama_cpp.scheduler import BatchScheduler
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_MAX_KV_TOKENS = 32768
@@ -115,10 +118,8 @@ class LlamaCppEngine:
         is_eog = [bool(lib.llama_vocab_is_eog(vocab, t)) for t in range(n_vocab)]
         self._scheduler = BatchScheduler(
             lib,
-            internals,
             self._ctx,
-            vocab=vocab,
-            n_vocab=n_vocab,
+            make_sampler=lambda request: SequenceSampler(lib, internals, vocab, request, pieces),
             pieces=pieces,
             is_eog=is_eog,
             n_slots=self._parallel,
@@ -180,7 +181,7 @@ class LlamaCppEngine:
             "prefix_tokens_reused": scheduler.prefix_tokens_reused,
         }
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenChunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         if self._thread is None:
             raise EngineError("the llama.cpp engine is not running")
         return stream_job(self._jobs, request, self.name)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from vllm_obtain.core.requests import GenerationRequest, TokenChunk
-from vllm_obtain.engines.base import EngineError, EngineRequestError
+from vllm_obtain.contract import EngineError, EngineRequestError, GenerationRequest, TokenChunk
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Job:
 
 async def stream_job(
     jobs: queue.Queue[Job | None], request: GenerationRequest, engine_name: str
-) -> AsyncIterator[TokenChunk]:
+) -> AsyncGenerator[TokenChunk, None]:
     """Queue `request` for the engine thread and yield its chunks until the last one."""
     loop = asyncio.get_running_loop()
     outputs: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()

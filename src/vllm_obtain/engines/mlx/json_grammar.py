@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_obtain.core.requests import JsonOutput
-from vllm_obtain.engines.base import EngineRequestError
+from vllm_obtain.contract import EngineRequestError, JsonOutput
 
 # OpenAI's json_object: any JSON object.
 ANY_OBJECT = '{"type": "object"}'

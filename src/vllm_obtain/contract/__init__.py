@@ -1,0 +1,53 @@
+"""The engine contract: the floor of the package, importing nothing else of it.
+
+Plain data crossing the engine boundary (data), the Engine and Embedder protocols and their
+states (engine), and the errors engines raise (errors). Everything above speaks these types.
+"""
+
+from vllm_obtain.contract.data import (
+    EmbeddingModelInfo,
+    EngineConfig,
+    FinishReason,
+    GenerationRequest,
+    JsonOutput,
+    ModelInfo,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+    WeightFormat,
+)
+from vllm_obtain.contract.engine import (
+    CONSTRAINED_OUTPUT,
+    STANDARD_SAMPLING,
+    Embedder,
+    Engine,
+    EngineState,
+)
+from vllm_obtain.contract.errors import (
+    EngineError,
+    EngineNotInstalledError,
+    EngineRequestError,
+    EngineUnavailableError,
+)
+
+__all__ = [
+    "CONSTRAINED_OUTPUT",
+    "STANDARD_SAMPLING",
+    "Embedder",
+    "EmbeddingModelInfo",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineNotInstalledError",
+    "EngineRequestError",
+    "EngineState",
+    "EngineUnavailableError",
+    "FinishReason",
+    "GenerationRequest",
+    "JsonOutput",
+    "ModelInfo",
+    "SamplingParams",
+    "TokenChunk",
+    "TokenLogprob",
+    "WeightFormat",
+]

@@ -1,0 +1,570 @@
+"""The llama.cpp continuous-batching scheduler on a fake C API: admission against the KV pool,
+eviction of idle cached slots, prefix reuse, chunked prefill beside decoding, and endings.
+
+FakeLib records what the scheduler asks of llama.cpp (batches, `llama_memory_seq_rm` calls, and
+which (seq_id, pos, token) rows went into each `llama_decode`); the samplers follow a script, so
+every expected number below is worked out from the scheduler's rules, not from a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vllm_obtain.contract import (
+    EngineRequestError,
+    GenerationRequest,
+    SamplingParams,
+    TokenChunk,
+    TokenLogprob,
+)
+from vllm_obtain.engines.engine_thread import Job
+from vllm_obtain.engines.llama_cpp.scheduler import BatchScheduler
+
+EOS = 0
+VOCAB = 100
+PIECES = [b"</s>"] + [f"<{t}>".encode() for t in range(1, VOCAB)]
+IS_EOG = [t == EOS for t in range(VOCAB)]
+FILLER = 5  # what an unscripted sampler produces: never an end-of-generation token
+
+Row = tuple[int, int, int]  # (seq_id, pos, token) of one token in a decode call
+Output = TokenChunk | BaseException
+
+
+class FakeBatch:
+    """llama_batch's fields as plain lists."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.n_tokens = 0
+        self.token = [-1] * size
+        self.pos = [-1] * size
+        self.n_seq_id = [0] * size
+        self.seq_id = [[-1] for _ in range(size)]
+        self.logits = [False] * size
+
+
+class FakeCtx:
+    def __init__(self) -> None:
+        self.memory = object()
+        self.ctx = object()
+
+
+class FakeLib:
+    """The part of llama_cpp's C API the scheduler calls, recording every call."""
+
+    def __init__(self, ctx: FakeCtx) -> None:
+        self._ctx = ctx
+        self.batch_inits: list[tuple[int, int, int]] = []
+        self.freed: list[FakeBatch] = []
+        self.seq_rm: list[tuple[int, int, int]] = []  # (seq_id, p0, p1)
+        self.decodes: list[list[Row]] = []
+        self.logits_rows: list[list[int]] = []  # per decode call: batch indices with logits
+        self.fail_next_decode = 0  # a nonzero code: the next llama_decode returns it
+
+    def llama_batch_init(self, n_tokens: int, embd: int, n_seq_max: int) -> FakeBatch:
+        self.batch_inits.append((n_tokens, embd, n_seq_max))
+        return FakeBatch(n_tokens)
+
+    def llama_batch_free(self, batch: FakeBatch) -> None:
+        self.freed.append(batch)
+
+    def llama_memory_seq_rm(self, memory: object, seq_id: int, p0: int, p1: int) -> bool:
+        assert memory is self._ctx.memory
+        self.seq_rm.append((seq_id, p0, p1))
+        return True
+
+    def llama_decode(self, ctx: object, batch: FakeBatch) -> int:
+        assert ctx is self._ctx.ctx
+        assert 0 < batch.n_tokens <= batch.size
+        rows = range(batch.n_tokens)
+        assert all(batch.n_seq_id[i] == 1 for i in rows)
+        self.decodes.append([(batch.seq_id[i][0], batch.pos[i], batch.token[i]) for i in rows])
+        self.logits_rows.append([i for i in rows if batch.logits[i]])
+        code, self.fail_next_decode = self.fail_next_decode, 0
+        return code
+
+
+class ScriptedSampler:
+    """Returns its script's tokens in order; records the batch rows it was asked to sample."""
+
+    def __init__(self, script: list[int], *, logprob: float | None = None) -> None:
+        self.script = list(script)
+        self.logprob = logprob
+        self.last_logprob: TokenLogprob | None = None
+        self.indices: list[int] = []
+        self.closed = 0
+
+    def sample(self, ctx: Any, index: int) -> int:
+        assert self.script, "sampled more tokens than scripted"
+        self.indices.append(index)
+        token = self.script.pop(0)
+        if self.logprob is not None:
+            self.last_logprob = TokenLogprob(PIECES[token], self.logprob)
+        return token
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+class Rig:
+    """A scheduler on the fakes, with one scripted sampler and one output list per request."""
+
+    def __init__(self, *, n_slots: int, kv_tokens: int, batch_size: int) -> None:
+        self.ctx = FakeCtx()
+        self.lib = FakeLib(self.ctx)
+        self.scripts: dict[str, list[int]] = {}
+        self.logprobs: dict[str, float] = {}
+        self.refuse: set[str] = set()
+        self.samplers: dict[str, ScriptedSampler] = {}
+        self.outputs: dict[str, list[Output]] = {}
+        self.scheduler = BatchScheduler(
+            self.lib,
+            self.ctx,
+            make_sampler=self._make_sampler,
+            pieces=PIECES,
+            is_eog=IS_EOG,
+            n_slots=n_slots,
+            kv_tokens=kv_tokens,
+            batch_size=batch_size,
+        )
+
+    def _make_sampler(self, request: GenerationRequest) -> ScriptedSampler:
+        rid = request.request_id
+        if rid in self.refuse:
+            raise EngineRequestError(f"{rid} refused", param="response_format")
+        sampler = ScriptedSampler(self.scripts[rid], logprob=self.logprobs.get(rid))
+        self.samplers[rid] = sampler
+        return sampler
+
+    def submit(
+        self,
+        rid: str,
+        prompt: tuple[int, ...],
+        max_tokens: int,
+        *,
+        script: list[int] | None = None,
+        ignore_eos: bool = False,
+    ) -> Job:
+        request = GenerationRequest(
+            rid, prompt, max_tokens, sampling=SamplingParams(ignore_eos=ignore_eos)
+        )
+        self.scripts[rid] = script if script is not None else [FILLER] * max_tokens
+        outputs: list[Output] = []
+        self.outputs[rid] = outputs
+        job = Job(request, outputs.append)
+        self.scheduler.waiting.append(job)
+        return job
+
+    def step(self, times: int = 1) -> None:
+        for _ in range(times):
+            self.scheduler.step()
+
+    def run_until_idle(self, max_steps: int = 100) -> None:
+        for _ in range(max_steps):
+            if not self.scheduler.running and not self.scheduler.waiting:
+                return
+            self.scheduler.step()
+        raise AssertionError("the scheduler never went idle")
+
+    def chunks(self, rid: str) -> list[TokenChunk]:
+        outputs = self.outputs[rid]
+        assert all(isinstance(o, TokenChunk) for o in outputs), outputs
+        return [o for o in outputs if isinstance(o, TokenChunk)]
+
+    def finish_reasons(self, rid: str) -> list[str | None]:
+        return [c.finish_reason for c in self.chunks(rid)]
+
+    def cached(self, slot: int) -> list[int]:
+        return self.scheduler.slots[slot].cached
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting)"""
+        return self.scheduler.running, len(self.scheduler.waiting)
+
+
+def span(start: int, n: int) -> tuple[int, ...]:
+    """n consecutive token ids from `start`: a prompt that shares nothing with other spans."""
+    return tuple(range(start, start + n))
+
+
+def prefill_rows(seq_id: int, prompt: tuple[int, ...], start: int, stop: int) -> list[Row]:
+    return [(seq_id, pos, prompt[pos]) for pos in range(start, stop)]
+
+
+# --- admission against the KV pool -------------------------------------------------------------
+
+
+def test_request_that_does_not_fit_free_kv_waits_until_the_running_one_finishes() -> None:
+    rig = Rig(n_slots=2, kv_tokens=21, batch_size=8)
+    a_prompt, b_prompt = span(10, 4), span(40, 6)
+    rig.submit("a", a_prompt, 6, script=[21, 22, 23, 24, 25, 26])  # reserves 4 + 6 = 10
+    rig.submit("b", b_prompt, 6)  # needs 6 + 6 = 12: 10 + 12 > 21
+
+    rig.step()
+    assert rig.counts() == (1, 1)
+    assert rig.scheduler.kv_reserved == 10
+    assert rig.lib.decodes == [prefill_rows(0, a_prompt, 0, 4)]
+
+    rig.step(4)  # a decodes its 2nd..5th tokens; b still waits
+    assert rig.counts() == (1, 1)
+    rig.step()  # a's 6th token: "length", and a leaves
+    assert rig.counts() == (0, 1)
+    assert rig.finish_reasons("a") == [None] * 5 + ["length"]
+    assert rig.outputs["b"] == []
+    assert rig.lib.decodes[1:] == [[(0, 4 + i, 21 + i)] for i in range(5)]
+
+    rig.step()  # the step after a finished: b is admitted and prefilled
+    assert rig.counts() == (1, 0)
+    assert rig.scheduler.kv_reserved == 12
+    assert rig.lib.decodes[6] == prefill_rows(1, b_prompt, 0, 6)
+    # a's KV (prompt + the 5 tokens fed back) stays cached: 9 + 12 fits in 21, nothing evicted.
+    assert rig.cached(0) == [10, 11, 12, 13, 21, 22, 23, 24, 25]
+    assert rig.lib.seq_rm == [(0, 0, -1), (1, 0, -1)]
+
+
+def test_waiting_requests_are_admitted_in_order_so_a_small_one_waits_behind_a_big_one() -> None:
+    rig = Rig(n_slots=3, kv_tokens=20, batch_size=8)
+    rig.submit("a", span(10, 4), 6)  # reserves 10
+    rig.submit("big", span(30, 6), 6)  # needs 12: 10 + 12 > 20
+    rig.submit("small", span(50, 2), 1)  # needs 3: would fit, but waits its turn
+
+    rig.step()
+    assert rig.counts() == (1, 2)
+    assert [job.request.request_id for job in rig.scheduler.waiting] == ["big", "small"]
+    assert rig.outputs["small"] == []
+
+
+# --- eviction of idle cached slots -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "evicted"),
+    [
+        (1, []),  # need 6: 6 cached elsewhere + 6 fits in 12
+        (3, [2]),  # need 8: evicting the least recently used (slot 2, 3 cells) is enough
+        (5, [2, 0]),  # need 10: slot 2, then slot 0
+    ],
+)
+def test_idle_cached_slots_are_evicted_least_recently_used_first_and_only_as_needed(
+    max_tokens: int, evicted: list[int]
+) -> None:
+    rig = Rig(n_slots=3, kv_tokens=12, batch_size=4)
+    # One request at a time, each 3 prompt tokens and 1 generated (nothing fed back): every slot
+    # ends up holding its prompt's 3 cells. Use order: slot 0, slot 1, slot 2, then slot 0 again
+    # (its prompt shares a prefix), so least recently used is slot 1, slot 2, slot 0.
+    for rid, prompt in [
+        ("a", (10, 11, 12)),
+        ("b", (20, 21, 22)),
+        ("c", (30, 31, 32)),
+        ("d", (10, 11, 15)),
+    ]:
+        rig.submit(rid, prompt, 1)
+        rig.run_until_idle()
+    assert [rig.cached(i) for i in range(3)] == [[10, 11, 15], [20, 21, 22], [30, 31, 32]]
+    assert rig.lib.seq_rm == [(0, 0, -1), (1, 0, -1), (2, 0, -1), (0, 0, -1)]
+    del rig.lib.seq_rm[:]
+
+    # Shares no prefix with any slot: takes the least recently used one (slot 1), whose own
+    # cells it overwrites, so only slots 0 and 2 may have to make room.
+    rig.submit("e", span(50, 5), max_tokens)
+    rig.step()
+
+    assert rig.counts() == (1, 0)
+    assert rig.lib.seq_rm == [(seq, -1, -1) for seq in evicted] + [(1, 0, -1)]
+    for seq, cells in [(0, [10, 11, 15]), (2, [30, 31, 32])]:
+        assert rig.cached(seq) == ([] if seq in evicted else cells)
+    assert rig.scheduler.kv_reserved == 5 + max_tokens
+
+
+def test_no_cache_is_evicted_for_a_request_that_would_not_fit_anyway() -> None:
+    rig = Rig(n_slots=3, kv_tokens=20, batch_size=4)
+    rig.submit("a", span(10, 4), 1)  # leaves 4 cells cached in slot 0
+    rig.run_until_idle()
+    rig.submit("b", span(30, 4), 12)  # runs in slot 1, reserving 16
+    rig.step()
+    del rig.lib.seq_rm[:]
+
+    rig.submit("c", span(50, 3), 2)  # needs 5: 16 reserved + 5 > 20 even without a's cache
+    rig.step()
+
+    assert rig.counts() == (1, 1)
+    assert rig.lib.seq_rm == []
+    assert rig.cached(0) == list(span(10, 4))
+
+
+def test_running_sequences_are_never_evicted_to_make_room() -> None:
+    rig = Rig(n_slots=2, kv_tokens=20, batch_size=8)
+    rig.submit("a", span(10, 4), 12)  # reserves 16 of 20
+    rig.step()
+    rig.submit("b", span(40, 4), 4)  # needs 8: only a's reservation could make room
+
+    rig.step(3)
+    assert rig.counts() == (1, 1)
+    assert rig.lib.seq_rm == [(0, 0, -1)]
+    assert [len(rows) for rows in rig.lib.decodes] == [4, 1, 1, 1]  # a alone
+
+
+# --- prefix reuse ------------------------------------------------------------------------------
+
+
+def test_new_request_takes_the_free_slot_sharing_the_longest_prefix_with_its_prompt() -> None:
+    rig = Rig(n_slots=3, kv_tokens=100, batch_size=4)
+    short, long = (10, 11, 12, 99), span(10, 10)
+    rig.submit("short", short, 1)  # slot 0
+    rig.submit("long", long, 1)  # slot 1
+    rig.run_until_idle()
+    assert (rig.cached(0), rig.cached(1), rig.cached(2)) == (list(short), list(long), [])
+    del rig.lib.seq_rm[:]
+    first_new_decode = len(rig.lib.decodes)
+
+    # Shares 3 tokens with slot 0 and 9 with slot 1; slot 2 is the least recently used.
+    prompt = (*span(10, 9), 77, 78, 79)
+    rig.submit("c", prompt, 1)
+    rig.step()
+
+    # 9 shared tokens are cut to 8, two whole chunks of 4; the rest is evaluated from pos 8.
+    assert rig.lib.seq_rm == [(1, 8, -1)]
+    assert rig.scheduler.prefix_tokens_reused == 8
+    assert rig.lib.decodes[first_new_decode:] == [prefill_rows(1, prompt, 8, 12)]
+    assert (rig.cached(0), rig.cached(1), rig.cached(2)) == (list(short), list(prompt), [])
+    assert rig.chunks("c") == [TokenChunk((FILLER,), PIECES[FILLER], "length")]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reuse"),
+    [
+        (span(10, 8), 4),  # all 8 cached: at least one token is evaluated, so 7, cut to 4
+        ((*span(10, 8), 30, 40), 8),  # 9 shared (a generated token too), cut to 8
+        ((*span(10, 7), 98, 99), 4),  # 7 shared, cut to 4
+        ((10, 11, 12, 50, 51), 0),  # 3 shared: less than a chunk, nothing reused
+    ],
+)
+def test_reused_prefix_is_cut_to_whole_batch_chunks_and_never_covers_the_whole_prompt(
+    prompt: tuple[int, ...], reuse: int
+) -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=4)
+    rig.submit("first", span(10, 8), 2, script=[30, 31])
+    rig.run_until_idle()
+    assert rig.cached(0) == [*span(10, 8), 30]  # the last sampled token is never fed back
+    first_new_decode = len(rig.lib.decodes)
+
+    rig.submit("again", prompt, 1)
+    rig.step()
+
+    assert rig.lib.seq_rm[-1] == (0, reuse, -1)
+    assert rig.scheduler.prefix_tokens_reused == reuse
+    stop = min(len(prompt), reuse + 4)
+    assert rig.lib.decodes[first_new_decode] == prefill_rows(0, prompt, reuse, stop)
+
+
+# --- one decode call: decoding tokens first, then prompt chunks ---------------------------------
+
+
+def test_prompt_chunks_fill_the_batch_beside_decoding_tokens_and_never_cross_a_chunk_edge() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=4)
+    rig.submit("a", (10, 11), 20, script=list(range(21, 41)))
+    rig.step()
+    assert rig.lib.decodes == [[(0, 0, 10), (0, 1, 11)]]
+
+    b_prompt = span(40, 10)
+    rig.submit("b", b_prompt, 1, script=[60])
+    rig.step(6)
+
+    # a's next token always comes first; b's prompt takes the 3 rows left, but a chunk stops at
+    # each multiple of 4 (after pos 3 and pos 7), so b's chunks are 0-2, 3, 4-6, 7, 8-9.
+    assert rig.lib.decodes[1:] == [
+        [(0, 2, 21), *prefill_rows(1, b_prompt, 0, 3)],
+        [(0, 3, 22), *prefill_rows(1, b_prompt, 3, 4)],
+        [(0, 4, 23), *prefill_rows(1, b_prompt, 4, 7)],
+        [(0, 5, 24), *prefill_rows(1, b_prompt, 7, 8)],
+        [(0, 6, 25), *prefill_rows(1, b_prompt, 8, 10)],
+        [(0, 7, 26)],  # b finished at its first token
+    ]
+    # Logits only for a's token each step, and for the last prompt token of b.
+    assert rig.lib.logits_rows[1:] == [[0], [0], [0], [0], [0, 2], [0]]
+    assert rig.samplers["b"].indices == [2]
+    assert rig.samplers["a"].indices == [1] + [0] * 6
+    assert rig.chunks("b") == [TokenChunk((60,), b"<60>", "length")]
+
+
+def test_a_prompt_longer_than_the_batch_is_prefilled_over_several_steps_before_sampling() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=4)
+    prompt = span(10, 10)
+    rig.submit("a", prompt, 1, script=[60])
+
+    rig.step(2)
+    assert rig.outputs["a"] == []
+    rig.step()
+
+    assert rig.lib.decodes == [
+        prefill_rows(0, prompt, 0, 4),
+        prefill_rows(0, prompt, 4, 8),
+        prefill_rows(0, prompt, 8, 10),
+    ]
+    assert rig.lib.logits_rows == [[], [], [1]]
+    assert rig.samplers["a"].indices == [1]
+    assert rig.chunks("a") == [TokenChunk((60,), b"<60>", "length")]
+
+
+# --- refusals, cancellation, failures -----------------------------------------------------------
+
+
+def test_request_the_sampler_refuses_gets_that_error_alone_and_the_next_one_runs() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    rig.refuse.add("bad")
+    rig.submit("bad", span(10, 3), 4)
+    rig.submit("good", span(40, 3), 1, script=[60])
+
+    rig.step()
+
+    [error] = rig.outputs["bad"]
+    assert isinstance(error, EngineRequestError)
+    assert str(error) == "bad refused"
+    assert error.param == "response_format"
+    assert rig.chunks("good") == [TokenChunk((60,), b"<60>", "length")]
+    assert rig.lib.seq_rm == [(0, 0, -1)]  # only good ever took the slot
+    assert rig.lib.decodes == [prefill_rows(0, span(40, 3), 0, 3)]
+    assert rig.counts() == (0, 0)
+
+
+def test_cancelled_requests_are_dropped_whether_waiting_or_running() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    a = rig.submit("a", (10, 11, 12), 10, script=[21, 22, 23])
+    b = rig.submit("b", span(40, 3), 10)
+    rig.step()
+    assert rig.counts() == (1, 1)
+
+    b.cancelled.set()  # waiting
+    rig.step()
+    assert rig.counts() == (1, 0)
+    assert rig.outputs["b"] == []
+    assert "b" not in rig.samplers  # never admitted
+
+    a.cancelled.set()  # running
+    rig.step()
+    assert rig.counts() == (0, 0)
+    assert rig.scheduler.slots[0].job is None
+    assert rig.samplers["a"].closed == 1
+    assert rig.finish_reasons("a") == [None, None]  # nothing more after the cancel
+    assert len(rig.lib.decodes) == 2  # no decode once nothing runs
+    assert rig.cached(0) == [10, 11, 12, 21]  # its KV stays for reuse
+    assert rig.scheduler.kv_reserved == 0
+
+    rig.submit("c", span(60, 2), 1)
+    rig.step()
+    assert rig.chunks("c") == [TokenChunk((FILLER,), PIECES[FILLER], "length")]
+    assert rig.lib.decodes[-1] == prefill_rows(0, span(60, 2), 0, 2)
+
+
+def test_a_failed_decode_fails_the_running_requests_clears_the_cache_and_serving_goes_on() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=8)
+    rig.submit("a", span(10, 2), 5)
+    rig.submit("b", span(20, 2), 5)
+    rig.submit("c", span(30, 2), 1, script=[60])
+    rig.step()
+    assert rig.counts() == (2, 1)
+    del rig.lib.seq_rm[:]
+
+    rig.lib.fail_next_decode = -3
+    rig.step()
+
+    for rid in ("a", "b"):
+        *chunks, error = rig.outputs[rid]
+        assert chunks == [TokenChunk((FILLER,), PIECES[FILLER])]
+        assert isinstance(error, RuntimeError)
+        assert str(error) == "llama_decode returned -3"
+        assert rig.samplers[rid].closed == 1
+    assert rig.lib.seq_rm == [(0, -1, -1), (1, -1, -1)]
+    assert (rig.cached(0), rig.cached(1)) == ([], [])
+    assert rig.counts() == (0, 1)
+
+    rig.step()  # c, which waited, runs on the freed slots
+    assert rig.chunks("c") == [TokenChunk((60,), b"<60>", "length")]
+    assert rig.lib.decodes[-1] == prefill_rows(0, span(30, 2), 0, 2)
+
+
+def _crash(request: GenerationRequest) -> ScriptedSampler:
+    raise RuntimeError(f"cannot build a sampler for {request.request_id}")
+
+
+def test_a_sampler_that_crashes_fails_its_request_instead_of_losing_it() -> None:
+    """It once left such a request off the queue and unanswered: its client waited forever."""
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    rig.submit("boom", span(10, 3), 4)
+    rig.scheduler._make_sampler = _crash
+
+    rig.step()
+
+    assert "boom" not in [job.request.request_id for job in rig.scheduler.waiting]
+    (error,) = rig.outputs["boom"]
+    assert isinstance(error, RuntimeError)
+    assert str(error) == "cannot build a sampler for boom"
+    assert rig.counts() == (0, 0)
+
+
+# --- endings -----------------------------------------------------------------------------------
+
+
+def test_generation_stops_with_length_at_max_tokens() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    rig.submit("a", (10, 11), 3, script=[21, 22, 23])
+    rig.run_until_idle()
+
+    assert rig.chunks("a") == [
+        TokenChunk((21,), b"<21>"),
+        TokenChunk((22,), b"<22>"),
+        TokenChunk((23,), b"<23>", "length"),
+    ]
+    assert rig.lib.decodes == [[(0, 0, 10), (0, 1, 11)], [(0, 2, 21)], [(0, 3, 22)]]
+    assert rig.samplers["a"].closed == 1
+    assert rig.cached(0) == [10, 11, 21, 22]
+
+
+@pytest.mark.parametrize("max_tokens", [5, 2])  # an end token at the last place stops too
+def test_end_of_generation_token_stops_with_stop_and_an_empty_piece(max_tokens: int) -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    rig.submit("a", (10, 11), max_tokens, script=[21, EOS])
+    rig.run_until_idle()
+
+    assert rig.chunks("a") == [TokenChunk((21,), b"<21>"), TokenChunk((EOS,), b"", "stop")]
+    assert len(rig.lib.decodes) == 2
+    assert rig.samplers["a"].closed == 1
+
+
+def test_ignore_eos_emits_the_end_token_as_text_and_keeps_generating() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    rig.submit("a", (10, 11), 3, script=[21, EOS, 22], ignore_eos=True)
+    rig.run_until_idle()
+
+    assert rig.chunks("a") == [
+        TokenChunk((21,), b"<21>"),
+        TokenChunk((EOS,), b"</s>"),
+        TokenChunk((22,), b"<22>", "length"),
+    ]
+    assert rig.lib.decodes[-1] == [(0, 3, EOS)]  # the end token is fed back like any other
+
+
+def test_the_sampled_token_logprob_rides_along_in_its_chunk() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=8)
+    rig.logprobs["a"] = -0.25
+    rig.submit("a", (10, 11), 2, script=[21, 22])
+    rig.run_until_idle()
+
+    assert rig.chunks("a") == [
+        TokenChunk((21,), b"<21>", None, (TokenLogprob(b"<21>", -0.25),)),
+        TokenChunk((22,), b"<22>", "length", (TokenLogprob(b"<22>", -0.25),)),
+    ]
+
+
+def test_close_closes_running_samplers_and_frees_the_batch() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=8)
+    rig.submit("a", span(10, 2), 5)
+    rig.step()
+
+    rig.scheduler.close()
+
+    assert rig.lib.batch_inits == [(8, 0, 1)]
+    assert len(rig.lib.freed) == 1
+    assert rig.samplers["a"].closed == 1
