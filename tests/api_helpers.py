@@ -15,6 +15,7 @@ from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
 from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
+from vllm_obtain.wiring import api_config
 
 MODEL = "scripted"
 
@@ -23,7 +24,7 @@ def make_app(
     engine: ScriptedEngine, settings: Settings | None = None, limits: ServingLimits | None = None
 ) -> Any:
     model = ServedModel(id=MODEL, engine=engine, limits=limits or ServingLimits())
-    return create_app(settings or Settings(), registry=ModelRegistry([model]))
+    return create_app(api_config(settings or Settings()), registry=ModelRegistry([model]))
 
 
 class ReadyTestClient(TestClient):
@@ -31,7 +32,7 @@ class ReadyTestClient(TestClient):
 
     def __enter__(self) -> "ReadyTestClient":
         super().__enter__()
-        keys = self.app.state.settings.api_keys  # type: ignore[attr-defined]
+        keys = self.app.state.config.api_keys  # type: ignore[attr-defined]
         headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -11,8 +11,9 @@ engine that misbehaves on purpose. Start.engine names the behaviour:
                 keep coming (busy, no progress)
   crashes       every request ends the process (os._exit(CRASH_EXIT_CODE)) before a token
   fails-to-load load() raises RuntimeError(LOAD_ERROR)
-  stuck         an embedder whose embed() never returns (a native call stuck on a thread),
-                while heartbeats keep coming
+  (role embed)  an embedder: tokenize("stuck") never returns (a native call stuck on a
+                thread) while heartbeats keep coming; embed() takes EMBED_SECONDS, as a big
+                batch does, and reports nothing until it is done
 
 Run as `python tests/fake_engine_process.py`; the repository root is put on sys.path so that
 `tests.scripted_engine` imports.
@@ -51,6 +52,7 @@ REFUSAL = EngineRequestError(
 # real timeout minutes), so a healthy child is never taken for a silent one.
 HEARTBEAT_SECONDS = 0.1
 PREFILL_SECONDS = 0.5
+EMBED_SECONDS = 2.5
 
 
 class Slow(ScriptedEngine):
@@ -101,8 +103,8 @@ class FailsToLoad(ScriptedEngine):
         raise RuntimeError(LOAD_ERROR)
 
 
-class StuckEmbedder:
-    name = "stuck"
+class SlowEmbedder:
+    name = "embedder"
     state: EngineState = "ready"
 
     async def load(self) -> EmbeddingModelInfo:
@@ -112,19 +114,21 @@ class StuckEmbedder:
         return None
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        if text == "stuck":
+            await asyncio.Event().wait()
         return [1]
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        await asyncio.Event().wait()
-        return []
+        await asyncio.sleep(EMBED_SECONDS)
+        return [[1.0, 0.0, 0.0, 0.0] for _ in inputs]
 
     def stats(self) -> dict[str, float]:
         return {"running": 1, "waiting": 0}
 
 
-def build(start: Start) -> ScriptedEngine | StuckEmbedder:
+def build(start: Start) -> ScriptedEngine | SlowEmbedder:
     if start.role == "embed":
-        return StuckEmbedder()
+        return SlowEmbedder()
     engines: dict[str, type[ScriptedEngine]] = {
         "scripted": ScriptedEngine,
         "slow": Slow,

@@ -11,10 +11,10 @@ import sys
 import time
 import types
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from vllm_obtain import __version__
-from vllm_obtain.settings import Settings, default_of, flag_of, shown_as
+from vllm_obtain.settings import Settings, choices_of, default_of, flag_of, shown_as
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,16 +22,15 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     leaves env vars and the .env file in charge."""
     for name, field in Settings.model_fields.items():
         help_text = f"{field.description} (default: {default_of(name) or 'none'})"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help texts
         if name == "model":
             parser.add_argument("model", nargs="?", help=help_text)
             continue
         options: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
         shown = shown_as(name)
         kind = _plain_type(field.annotation)
-        if "choices" in shown:
-            options["choices"] = list(shown["choices"])
-        elif get_origin(kind) is Literal:
-            options["choices"] = list(get_args(kind))
+        if choices := choices_of(name):
+            options["choices"] = list(choices)
         elif kind is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif get_origin(kind) is dict:
@@ -61,13 +60,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {
-        name: getattr(args, name)
-        for name in Settings.model_fields
-        if getattr(args, name, None) is not None
-    }
-    if "vllm_args" in overrides:
-        overrides["vllm_args"] = dict(overrides["vllm_args"])
+    """The settings the command line sets (a repeated KEY=VALUE flag becomes a dict)."""
+    overrides = {}
+    for name, field in Settings.model_fields.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            is_dict = get_origin(_plain_type(field.annotation)) is dict
+            overrides[name] = dict(value) if is_dict else value
     return overrides
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -155,8 +155,9 @@ class Settings(BaseSettings):
     )
     engine_hang_timeout: float = Field(
         120,
-        ge=2,  # the engine process sends a heartbeat every second
-        description="seconds a busy engine may make no progress before it is killed and restarted",
+        ge=2,
+        description="seconds a busy engine may make no progress before it is killed and "
+        "restarted; at least 2 (the engine process beats every second)",
     )
     engine_max_restarts: int = Field(
         5,
@@ -217,9 +218,20 @@ def default_of(name: str) -> str:
     if shown_default is not None:
         return str(shown_default)
     default = Settings.model_fields[name].get_default(call_default_factory=True)
+    if default is None:
+        return ""
     if isinstance(default, bool):
         return "on" if default else "off"
     return f"{default}/" if isinstance(default, Path) else str(default)
+
+
+def choices_of(name: str) -> tuple[str, ...]:
+    """The values a setting takes, when they are a fixed few (empty otherwise)."""
+    shown_choices = shown_as(name).get("choices")
+    if shown_choices:
+        return tuple(shown_choices)
+    annotation = Settings.model_fields[name].annotation
+    return tuple(get_args(annotation)) if get_origin(annotation) is Literal else ()
 
 
 def settings_table() -> str:
@@ -238,7 +250,10 @@ def settings_table() -> str:
         # Values in code type; defaults in words (the model's, off) as they are.
         worded = " " in default or default in ("on", "off") or "'" in default
         default_text = f"`{default}`" if default and not worded else default
-        rows.append(f"| {flag_text} | {env_text} | {default_text} | {field.description} |")
+        described = str(field.description)
+        if choices := choices_of(name):
+            described += " (" + ", ".join(f"`{choice}`" for choice in choices) + ")"
+        rows.append(f"| {flag_text} | {env_text} | {default_text} | {described} |")
     return "\n".join(rows)
 
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from fastapi import FastAPI
 
-from vllm_obtain.api.app import create_app
+from vllm_obtain.api.app import ApiConfig, create_app
 from vllm_obtain.contract import Embedder, Engine, EngineConfig
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
@@ -47,7 +47,7 @@ def create_server_app(
 ) -> FastAPI:
     """The app factory: the models the settings name, on their engines, behind the API."""
     return create_app(
-        settings,
+        api_config(settings),
         build_registry(settings),
         embedding_models=build_embedding_models(settings),
         on_load_failure=on_load_failure,
@@ -73,6 +73,17 @@ def configure_logging_for(settings: Settings) -> None:
         level=settings.effective_log_level,
         json_lines=settings.mode == "prod",
         logs_dir=settings.logs_dir,
+    )
+
+
+def api_config(settings: Settings) -> ApiConfig:
+    return ApiConfig(
+        api_keys=tuple(settings.api_keys),
+        auth_health=settings.auth_health,
+        auth_metrics=settings.auth_metrics,
+        cors_origins=tuple(settings.cors_origins),
+        max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
+        log_prompts=settings.log_prompts,
     )
 
 

@@ -21,6 +21,7 @@ from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
 from vllm_obtain.core.registry import ModelRegistry, ServedModel
 from vllm_obtain.settings import Settings
+from vllm_obtain.wiring import api_config
 
 
 @pytest.fixture
@@ -128,7 +129,9 @@ def test_text_content_parts_are_joined(client, engine):
 
 def test_chat_template_override_replaces_the_models_own(engine):
     model = ServedModel(id=MODEL, engine=engine, chat_template="[{{ messages[0].content }}]")
-    with ReadyTestClient(create_app(Settings(), registry=ModelRegistry([model]))) as client:
+    with ReadyTestClient(
+        create_app(api_config(Settings()), registry=ModelRegistry([model]))
+    ) as client:
         assert chat(client).status_code == 200
     assert "".join(chr(t) for t in engine.requests[-1].prompt_tokens) == "[hi]"
 
@@ -238,7 +241,7 @@ def test_client_leaving_a_stream_cancels_the_generation():
     """Over real HTTP (uvicorn): TestClient does not deliver disconnects to the app."""
     engine = ScriptedEngine(endless=True)
     registry = ModelRegistry([ServedModel(id=MODEL, engine=engine)])
-    with uvicorn_thread(create_app(Settings(), registry=registry)) as base_url:
+    with uvicorn_thread(create_app(api_config(Settings()), registry=registry)) as base_url:
         payload = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream": True}
         with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=payload) as response:
             for _ in zip(range(5), response.iter_lines(), strict=False):
@@ -253,7 +256,7 @@ def test_client_leaving_a_stream_cancels_the_generation():
 def test_client_leaving_before_a_plain_answer_cancels_the_generation():
     engine = ScriptedEngine(endless=True)
     registry = ModelRegistry([ServedModel(id=MODEL, engine=engine)])
-    with uvicorn_thread(create_app(Settings(), registry=registry)) as base_url:
+    with uvicorn_thread(create_app(api_config(Settings()), registry=registry)) as base_url:
         payload = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{base_url}/v1/chat/completions", json=payload, timeout=0.5)

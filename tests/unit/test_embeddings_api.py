@@ -13,6 +13,7 @@ from vllm_obtain.contract import EmbeddingModelInfo
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
+from vllm_obtain.wiring import api_config
 
 EMBEDDER = "tiny-embedder"
 
@@ -58,7 +59,9 @@ def client_with(embedder: CountingEmbedder) -> ReadyTestClient:
     registry = ModelRegistry(
         [ServedModel(id=MODEL, engine=ScriptedEngine(), limits=ServingLimits())]
     )
-    app = create_app(Settings(), registry=registry, embedding_models=EmbeddingModels([served]))
+    app = create_app(
+        api_config(Settings()), registry=registry, embedding_models=EmbeddingModels([served])
+    )
     return ReadyTestClient(app, raise_server_exceptions=False)
 
 

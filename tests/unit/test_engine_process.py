@@ -75,7 +75,7 @@ def test_exit_descriptions_name_the_signal():
     [
         (EngineRequestError("no such schema", param="response_format"), EngineRequestError),
         (EngineUnavailableError("restarting", retry_after=7), EngineUnavailableError),
-        (EngineNotInstalledError("pip install it"), EngineNotInstalledError),
+        (EngineNotInstalledError("pip install it"), EngineError),
         (EngineError("native failure"), EngineError),
         (ValueError("a bug"), EngineError),
     ],

@@ -13,6 +13,7 @@ from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
 from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
+from vllm_obtain.wiring import api_config
 
 
 def loaded_app():
@@ -20,7 +21,7 @@ def loaded_app():
     engine = ScriptedEngine(context_length=4096, max_running=64)
     model = ServedModel(id=MODEL, engine=engine, limits=ServingLimits(max_tokens=32))
     model.info = asyncio.run(engine.load())
-    return create_app(Settings(), registry=ModelRegistry([model]))
+    return create_app(api_config(Settings()), registry=ModelRegistry([model]))
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", loaded_app())

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "weights": {"contract"},
     "logs": set(),
     "runtime": {"contract", "engines", "logs"},
-    "api": {"core", "contract", "settings"},
+    "api": {"core", "contract"},
     "settings": {"engines"},
     "hardware": {"contract", "engines", "weights"},
     "bench": set(),

@@ -364,24 +364,46 @@ def test_unloading_while_a_restart_waits_starts_no_new_child() -> None:
     run(scenario, engine)
 
 
-def test_an_embedding_call_that_never_returns_is_a_hang() -> None:
-    embedder = SupervisedEmbedder(
-        Start("embed", "stuck", Path("weights")), hang_timeout=HANG_TIMEOUT, command=FAKE_CHILD
-    )
+def embedder() -> SupervisedEmbedder:
+    start = Start("embed", "embedder", Path("weights"))
+    return SupervisedEmbedder(start, hang_timeout=HANG_TIMEOUT, command=FAKE_CHILD)
+
+
+def test_a_tokenize_call_that_never_returns_is_a_hang() -> None:
+    """It once waited forever: only generation streams were watched."""
+    engine = embedder()
 
     async def scenario() -> None:
         try:
-            await embedder.load()
+            await engine.load()
             began = time.monotonic()
             with pytest.raises(EngineUnavailableError) as caught:
-                await asyncio.wait_for(embedder.embed([[1]]), DEADLINE)
+                await asyncio.wait_for(engine.tokenize("stuck"), DEADLINE)
             assert HANG_TIMEOUT < time.monotonic() - began < DEADLINE
-            assert "stopped (killed by SIGKILL)" in str(caught.value)
+            assert "embeddings engine stopped (killed by SIGKILL)" in str(caught.value)
             deadline = time.monotonic() + DEADLINE
-            while embedder.state != "ready" and time.monotonic() < deadline:
+            while engine.state != "ready" and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-            assert (embedder.state, embedder.restarts) == ("ready", 1)
+            assert (engine.state, engine.restarts) == ("ready", 1)
+            assert await engine.tokenize("fine") == [1]
         finally:
-            await embedder.unload()
+            await engine.unload()
+
+    asyncio.run(scenario())
+
+
+def test_a_long_embedding_batch_is_work_not_a_hang() -> None:
+    engine = embedder()
+
+    async def scenario() -> None:
+        try:
+            await engine.load()
+            began = time.monotonic()
+            vectors = await asyncio.wait_for(engine.embed([[1], [2]]), DEADLINE)
+            assert time.monotonic() - began > 2 * HANG_TIMEOUT
+            assert vectors == [[1.0, 0.0, 0.0, 0.0]] * 2
+            assert (engine.state, engine.restarts) == ("ready", 0)
+        finally:
+            await engine.unload()
 
     asyncio.run(scenario())

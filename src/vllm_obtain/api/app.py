@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -18,11 +19,22 @@ from vllm_obtain.api.metrics import ServerMetrics
 from vllm_obtain.api.middleware import RequestContextMiddleware
 from vllm_obtain.core.embeddings import EmbeddingModels
 from vllm_obtain.core.registry import ModelRegistry
-from vllm_obtain.settings import Settings
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """What the HTTP layer is configured by (wiring.api_config makes it from the settings)."""
+
+    api_keys: tuple[str, ...]
+    auth_health: bool  # whether /health* needs a key too
+    auth_metrics: bool  # whether /metrics needs a key too
+    cors_origins: tuple[str, ...]
+    max_body_bytes: int
+    log_prompts: bool
 
 
 def create_app(
-    settings: Settings,
+    config: ApiConfig,
     registry: ModelRegistry,
     *,
     embedding_models: EmbeddingModels | None = None,
@@ -59,29 +71,29 @@ def create_app(
     app = FastAPI(title="vllm-obtain", version=__version__, lifespan=lifespan)
     app.state.registry = registry
     app.state.embedding_models = embedding_models
-    app.state.settings = settings
+    app.state.config = config
     app.state.metrics = ServerMetrics(registry)
     install_error_handlers(app)
     # Added innermost first: a request meets the request context (id, log line, metrics), then
     # CORS (so browsers' preflights are answered without a key), then keys, then the body limit.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * 1024 * 1024))
-    if settings.api_keys:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_keys:
         app.add_middleware(
             ApiKeyMiddleware,
-            keys=settings.api_keys,
-            auth_health=settings.auth_health,
-            auth_metrics=settings.auth_metrics,
+            keys=config.api_keys,
+            auth_health=config.auth_health,
+            auth_metrics=config.auth_metrics,
         )
-    if settings.cors_origins:
+    if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.cors_origins,
+            allow_origins=config.cors_origins,
             allow_methods=["*"],
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(
-        RequestContextMiddleware, metrics=app.state.metrics, log_prompts=settings.log_prompts
+        RequestContextMiddleware, metrics=app.state.metrics, log_prompts=config.log_prompts
     )
     for module in (chat, completions, embeddings, models, health, metrics):
         app.include_router(module.router)

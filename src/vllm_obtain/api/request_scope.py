@@ -65,8 +65,8 @@ def embedding_model(request: Request, model_id: str) -> ServedEmbedder:
 
 def note_prompt(request: Request, prompt: object) -> None:
     """Keep the prompt for the request's log line, only where the operator enabled it."""
-    settings = getattr(request.app.state, "settings", None)
-    if settings is not None and settings.log_prompts:
+    config = getattr(request.app.state, "config", None)
+    if config is not None and config.log_prompts:
         record_of(request).prompt = json.dumps(prompt, ensure_ascii=False, default=str)
 
 

@@ -64,6 +64,7 @@ class EngineHost:
     away. Every request runs as a task of its own, forgotten as soon as it is done."""
 
     def __init__(self, engine: Engine | Embedder, send: Send) -> None:
+        """`engine`, built but not loaded; `send` puts a message on the wire."""
         self.engine = engine
         self._generator = engine if isinstance(engine, Engine) else None
         self._embedder = engine if isinstance(engine, Embedder) else None
@@ -75,8 +76,7 @@ class EngineHost:
             info = await self.engine.load()
         except Exception as exc:
             logger.opt(exception=exc).error("the {} engine failed to load", self.engine.name)
-            report = ErrorReport.of(exc)
-            self._send(LoadFailed(ErrorReport(report.kind, f"{type(exc).__name__}: {exc}")))
+            self._send(LoadFailed(ErrorReport("engine", f"{type(exc).__name__}: {exc}")))
             return
         if self._generator is not None:
             generator = self._generator
@@ -221,7 +221,13 @@ def main(build: Callable[[Start], Engine | Embedder] = build_from_registry) -> i
                 loop.call_soon_threadsafe(inbox.put_nowait, None)
 
         threading.Thread(target=read, name="engine-inbox", daemon=True).start()
-        await EngineHost(build(start), outbox.send).run(inbox)
+        try:
+            engine = build(start)
+        except Exception as exc:  # an unknown engine, a backend that will not import
+            logger.opt(exception=exc).error("the {} engine could not be built", start.engine)
+            outbox.send(LoadFailed(ErrorReport("engine", f"{type(exc).__name__}: {exc}")))
+            return
+        await EngineHost(engine, outbox.send).run(inbox)
 
     try:
         asyncio.run(run())

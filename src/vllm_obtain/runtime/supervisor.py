@@ -123,7 +123,10 @@ class EngineProcess:
     ) -> None:
         self.name = start.engine
         # For logs and errors: which of the server's engine processes this is.
-        self.label = start.engine if start.role == "generate" else f"{start.engine} embedding"
+        self.label = start.engine if start.role == "generate" else f"{start.engine}-embeddings"
+        # What the engine offers, known once the child has loaded the model (its Ready).
+        self.supported_params: frozenset[str] = STANDARD_SAMPLING
+        self.max_running = 1
         self.state: EngineState = "loading"
         self.restarts = 0
         self._start = start
@@ -137,6 +140,9 @@ class EngineProcess:
         self._ids = itertools.count()
         self._streams: dict[int, asyncio.Queue[TokenChunk | BaseException]] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
+        # Calls judged by the no-progress rule: a tokenize is quick, while a big embedding
+        # batch is legitimate work that reports nothing until it is done.
+        self._watched_calls: set[int] = set()
         self._stats: dict[str, float] = {}
         self._last_heard = self._last_progress = time.monotonic()
 
@@ -262,7 +268,7 @@ class EngineProcess:
                 now=time.monotonic(),
                 last_heard=self._last_heard,
                 last_progress=self._last_progress,
-                busy=bool(self._streams or self._calls),
+                busy=bool(self._streams or self._watched_calls),
                 timeout=self._hang_timeout,
             )
             if reason is not None:
@@ -303,6 +309,8 @@ class EngineProcess:
                 stream.put_nowait(error)
             elif (call := self._calls.get(message.sid)) is not None and not call.done():
                 call.set_exception(error)
+        elif not isinstance(message, Ready | LoadFailed):
+            logger.warning("{} engine process sent an unknown message: {!r}", self.label, message)
 
     def _fail_in_flight(self, error: EngineError) -> None:
         for stream in self._streams.values():
@@ -318,18 +326,22 @@ class EngineProcess:
                 retry_after=max(1, int(self._hang_timeout)) if self.state == "failed" else 5,
             )
 
-    async def _ask(self, message: Callable[[int], ToEngine]) -> Any:
-        """Send the message made for a new sid and wait for the answer with that sid."""
+    async def _ask(self, message: Callable[[int], ToEngine], *, watched: bool) -> Any:
+        """Send the message made for a new sid and wait for the answer with that sid; a
+        `watched` call is judged by the no-progress rule, as streams are."""
         self._check_ready()
         sid = next(self._ids)
         call: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._note_busy()
+        if watched:
+            self._note_busy()
+            self._watched_calls.add(sid)
         self._calls[sid] = call
         try:
             self._send(message(sid))
             return await call
         finally:
             del self._calls[sid]
+            self._watched_calls.discard(sid)
 
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         self._check_ready()
@@ -356,7 +368,7 @@ class EngineProcess:
 
     def _note_busy(self) -> None:
         """A request is about to start: an idle engine has not been stalling until now."""
-        if not self._streams and not self._calls:
+        if not self._streams and not self._watched_calls:
             self._last_progress = time.monotonic()
 
     def stats(self) -> dict[str, float]:
@@ -371,21 +383,6 @@ class EngineProcess:
 class SupervisedEngine(EngineProcess):
     """The server's handle on a generation engine living in a child process."""
 
-    def __init__(
-        self,
-        start: Start,
-        *,
-        hang_timeout: float = 120.0,
-        max_restarts: int = 5,
-        command: Sequence[str] = CHILD_COMMAND,
-    ) -> None:
-        super().__init__(
-            start, hang_timeout=hang_timeout, max_restarts=max_restarts, command=command
-        )
-        # Known once the child has loaded the model (its Ready message).
-        self.supported_params: frozenset[str] = STANDARD_SAMPLING
-        self.max_running = 1
-
     async def load(self) -> ModelInfo:
         ready = await self._launch()
         if not isinstance(ready.info, ModelInfo):
@@ -397,7 +394,7 @@ class SupervisedEngine(EngineProcess):
         await self._stop()
 
     async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special))
+        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special), watched=True)
         return answer.ids
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
@@ -417,9 +414,9 @@ class SupervisedEmbedder(EngineProcess):
         await self._stop()
 
     async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special))
+        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special), watched=True)
         return answer.ids
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        answer: Vectors = await self._ask(lambda sid: Embed(sid, inputs))
+        answer: Vectors = await self._ask(lambda sid: Embed(sid, inputs), watched=False)
         return answer.vectors

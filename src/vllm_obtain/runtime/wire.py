@@ -20,7 +20,6 @@ from vllm_obtain.contract import (
     EmbeddingModelInfo,
     EngineConfig,
     EngineError,
-    EngineNotInstalledError,
     EngineRequestError,
     EngineUnavailableError,
     GenerationRequest,
@@ -30,7 +29,7 @@ from vllm_obtain.contract import (
 
 HEADER = struct.Struct(">I")
 
-ErrorKind = Literal["request", "unavailable", "not_installed", "engine"]
+ErrorKind = Literal["request", "unavailable", "engine"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +47,6 @@ class ErrorReport:
             return cls("request", str(exc), param=exc.param)
         if isinstance(exc, EngineUnavailableError):
             return cls("unavailable", str(exc), retry_after=exc.retry_after)
-        if isinstance(exc, EngineNotInstalledError):
-            return cls("not_installed", str(exc))
         return cls("engine", str(exc))
 
     def exception(self) -> Exception:
@@ -57,8 +54,6 @@ class ErrorReport:
             return EngineRequestError(self.message, param=self.param or "")
         if self.kind == "unavailable":
             return EngineUnavailableError(self.message, retry_after=self.retry_after)
-        if self.kind == "not_installed":
-            return EngineNotInstalledError(self.message)
         return EngineError(self.message)
 
 
@@ -163,8 +158,6 @@ class Log:
 
 ToEngine = Start | Generate | Cancel | Tokenize | Embed | Shutdown
 FromEngine = Ready | LoadFailed | Chunk | Failed | Tokens | Vectors | Stats | Log
-# The messages that answer one call (Tokenize, Embed) by its sid.
-Answer = Tokens | Vectors
 
 
 def encode_frame(message: ToEngine | FromEngine) -> bytes:
