@@ -49,11 +49,18 @@ if [ "${1:-}" = --against ]; then
   pids+=($!)
   wait_healthy http://127.0.0.1:8101 /health/ready
   wait_healthy http://127.0.0.1:8105 /health/ready
-  for round in 1 2; do  # A B, then B A: neither side always runs first
-    bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8105 \
-      --concurrency 1,16 --max-tokens 128 --json "$OUT/against_${round}a.json"
-    bench --base-url http://127.0.0.1:8105 --compare http://127.0.0.1:8101 \
-      --concurrency 1,16 --max-tokens 128 --json "$OUT/against_${round}b.json"
+  # A B, then B A, twice: neither side always runs first. One stream gets 8 requests a round
+  # (a 2-request sample of it moves by 10 % from run to run here), 16 streams 2 per client.
+  for round in 1 2; do
+    for order in "8101 8105" "8105 8101"; do
+      set -- $order
+      for level in "1 8" "16 2"; do
+        read -r streams per_client <<< "$level"
+        bench --base-url "http://127.0.0.1:$1" --compare "http://127.0.0.1:$2" \
+          --concurrency "$streams" --requests-per-client "$per_client" --max-tokens 128 \
+          --json "$OUT/against_${round}_$1_${streams}.json"
+      done
+    done
   done
   exit 0
 fi
