@@ -5,10 +5,11 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from tests.scripted_engine import ScriptedEngine
@@ -32,7 +33,7 @@ class ReadyTestClient(TestClient):
 
     def __enter__(self) -> "ReadyTestClient":
         super().__enter__()
-        keys = self.app.state.config.api_keys  # type: ignore[attr-defined]
+        keys = cast(FastAPI, self.app).state.config.api_keys
         headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

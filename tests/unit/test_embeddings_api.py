@@ -3,13 +3,14 @@ class, so vectors are predictable). The real model is tested in integration/."""
 
 import base64
 import struct
+from pathlib import Path
 
 import pytest
 
 from tests.api_helpers import MODEL, ReadyTestClient, assert_error, chat
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
-from vllm_obtain.contract import EmbeddingModelInfo
+from vllm_obtain.contract import EmbeddingModelInfo, EngineState
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
@@ -23,7 +24,7 @@ class CountingEmbedder:
     to unit length."""
 
     name = "counting"
-    state = "ready"
+    state: EngineState = "ready"
 
     def __init__(self, *, fail: bool = False) -> None:
         self.fail = fail
@@ -55,7 +56,9 @@ class CountingEmbedder:
 
 
 def client_with(embedder: CountingEmbedder) -> ReadyTestClient:
-    served = ServedEmbedder(EMBEDDER, weights=lambda: None, make_embedder=lambda _: embedder)  # type: ignore[arg-type,return-value]
+    served = ServedEmbedder(
+        EMBEDDER, weights=lambda: Path("unused"), make_embedder=lambda _: embedder
+    )
     registry = ModelRegistry(
         [ServedModel(id=MODEL, engine=ScriptedEngine(), limits=ServingLimits())]
     )

@@ -1,7 +1,9 @@
+from collections.abc import Sequence
+
 from vllm_obtain.core.textstream import TextStream, stop_prefix_overlap
 
 
-def run(pieces: list[bytes], stops: list[str] = ()) -> tuple[list[str], TextStream]:  # type: ignore[assignment]
+def run(pieces: list[bytes], stops: Sequence[str] = ()) -> tuple[list[str], TextStream]:
     stream = TextStream(stops)
     out = [stream.feed(p) for p in pieces]
     out.append(stream.finish())
