@@ -13,6 +13,8 @@ import types
 from collections.abc import Sequence
 from typing import Annotated, Any, Union, get_args, get_origin
 
+from pydantic import BeforeValidator, ValidationError
+
 from vllm_obtain import __version__
 from vllm_obtain.settings import Settings, choices_of, default_of, flag_of, shown_as
 
@@ -37,11 +39,16 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             options |= {"action": "append", "type": parse_engine_arg}
         elif get_origin(kind) is list:
             options["action"] = "append"
-        elif kind in (int, float):
+        elif kind in (int, float) and not _parses_text(field.metadata):
             options["type"] = kind
         if "metavar" in shown:
             options["metavar"] = shown["metavar"]
         parser.add_argument(flag_of(name), **options)
+
+
+def _parses_text(metadata: list[Any]) -> bool:
+    """Whether the field reads its own text (a duration such as 30d) before its type's rules."""
+    return any(isinstance(item, BeforeValidator) for item in metadata)
 
 
 def _plain_type(annotation: Any) -> Any:
@@ -282,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ModelResolutionError, EngineNotInstalledError) as exc:
         print(f"vllm-obtain: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a flag, OBTAIN_* variable or .env line out of range
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        print(f"vllm-obtain: invalid settings: {problems}", file=sys.stderr)
         return 2
     return code
 

@@ -12,13 +12,27 @@ import platform
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vllm_obtain.engines.registry import ENGINE_NAMES
 
 PLATFORM_ENV_FILES = {"Darwin": ".env.mac", "Linux": ".env.linux", "Windows": ".env.windows"}
 ENGINE_CHOICES = ("auto", *ENGINE_NAMES)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds_in(value: Any) -> Any:
+    """'90m', '12h', '30d' -> seconds; a bare number is seconds already."""
+    if isinstance(value, str) and value.strip()[-1:].lower() in DURATION_UNITS:
+        text = value.strip()
+        try:
+            return float(text[:-1]) * DURATION_UNITS[text[-1].lower()]
+        except ValueError:
+            raise ValueError(f"not a duration: {value!r} (say 90m, 12h, 30d)") from None
+    return value
 
 
 def platform_env_file(system: str | None = None) -> str:
@@ -105,8 +119,9 @@ class Settings(BaseSettings):
     kv_cache_gib: int | None = Field(
         None,
         ge=1,
-        description="vLLM on CPU: KV cache size in GiB",
-        json_schema_extra=shown("vLLM's own"),
+        description="vLLM on CPU: KV cache size in GiB; unset, vLLM takes what is free on its "
+        "NUMA node less about 2 GiB (a start that cannot fit is refused, saying so)",
+        json_schema_extra=shown("the free memory"),
     )
     max_batch: int = Field(32, ge=1, description="MLX: sequences decoded together")
     # --- production: access, limits, recovery -----------------------------------------------
@@ -166,6 +181,20 @@ class Settings(BaseSettings):
     )
     shutdown_timeout: float = Field(
         30, ge=0, description="on SIGTERM, seconds streams in flight get to finish"
+    )
+    responses_store: Literal["sqlite", "none"] = Field(
+        "sqlite",
+        description="where /v1/responses keeps stored responses: sqlite (a file in the cache "
+        "directory, kept across restarts), or none (store is off, previous_response_id a 400)",
+    )
+    responses_max_age: Annotated[float, BeforeValidator(seconds_in)] = Field(
+        30 * 86400,
+        gt=0,
+        description="how long a stored response is kept (90m, 12h, 30d, or seconds)",
+        json_schema_extra=shown("30d"),
+    )
+    responses_max_stored: int = Field(
+        100_000, ge=1, description="stored responses kept at most; the oldest go first"
     )
     log_prompts: bool = Field(
         False, description="put prompt text in request log lines (private data!)"

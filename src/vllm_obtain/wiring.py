@@ -19,6 +19,7 @@ from vllm_obtain.api.app import ApiConfig, create_app
 from vllm_obtain.contract import Embedder, Engine, EngineConfig
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.core.response_store import ResponseStore
 from vllm_obtain.engines.registry import (
     EMBEDDING_ENGINE,
     build_embedder,
@@ -50,6 +51,7 @@ def create_server_app(
         api_config(settings),
         build_registry(settings),
         embedding_models=build_embedding_models(settings),
+        response_store=build_response_store(settings),
         on_load_failure=on_load_failure,
     )
 
@@ -84,6 +86,17 @@ def api_config(settings: Settings) -> ApiConfig:
         cors_origins=tuple(settings.cors_origins),
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
         log_prompts=settings.log_prompts,
+    )
+
+
+def build_response_store(settings: Settings) -> ResponseStore | None:
+    """Where /v1/responses keeps what it answered (None: nowhere, --responses-store none)."""
+    if settings.responses_store == "none":
+        return None
+    return ResponseStore(
+        settings.cache_dir / "responses.sqlite3",
+        max_age_seconds=settings.responses_max_age,
+        max_rows=settings.responses_max_stored,
     )
 
 

@@ -19,6 +19,7 @@ from tests.integration.conftest import MODEL, free_port, start_server
 PATHS = {
     "/v1/chat/completions": MODEL,
     "/v1/completions": MODEL,
+    "/v1/responses": MODEL,
     "/v1/embeddings": "all-minilm-l6-v2",
 }
 # A plainly valid body per route: sent beside the generated ones, so that a valid request is
@@ -26,6 +27,7 @@ PATHS = {
 VALID: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
     "/v1/completions": {"prompt": "Once upon a time", "max_tokens": 4},
+    "/v1/responses": {"input": "Hi", "max_output_tokens": 16},
     "/v1/embeddings": {"input": "a sentence"},
 }
 

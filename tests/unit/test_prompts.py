@@ -1,6 +1,6 @@
 import pytest
 
-from vllm_obtain.api.errors import param_from_location
+from vllm_obtain.api.param_names import param_name as param_from_location
 from vllm_obtain.core.planning import ParamError, check_token_ids, plan_max_tokens
 
 

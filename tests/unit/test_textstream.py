@@ -21,9 +21,15 @@ def test_four_byte_emoji_split_in_three_is_emitted_once_whole():
     assert out == ["", "", "🦙", ""]
 
 
-def test_broken_bytes_at_the_end_become_replacement_character_not_an_error():
+def test_a_character_cut_off_at_the_end_is_dropped_not_replaced():
+    """max_tokens can end the text inside a character: its first bytes are not text."""
     out, _ = run([b"ok", b"\xe2\x82"])
-    assert "".join(out) == "ok\ufffd"
+    assert "".join(out) == "ok"
+
+
+def test_bytes_that_are_no_utf8_mid_text_become_the_replacement_character():
+    out, _ = run([b"ok", b"\xff", b"!"])
+    assert "".join(out) == "ok\ufffd!"
 
 
 def test_stop_string_split_across_tokens_never_leaks():

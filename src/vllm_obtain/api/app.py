@@ -12,13 +12,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from vllm_obtain import __version__
-from vllm_obtain.api import chat, completions, embeddings, health, metrics, models
+from vllm_obtain.api import chat, completions, embeddings, health, metrics, models, responses
 from vllm_obtain.api.access import ApiKeyMiddleware, BodyLimitMiddleware
 from vllm_obtain.api.errors import install_error_handlers
 from vllm_obtain.api.metrics import ServerMetrics
-from vllm_obtain.api.middleware import RequestContextMiddleware
+from vllm_obtain.api.middleware import JsonBodyMiddleware, RequestContextMiddleware
 from vllm_obtain.core.embeddings import EmbeddingModels
 from vllm_obtain.core.registry import ModelRegistry
+from vllm_obtain.core.response_store import ResponseStore
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ def create_app(
     registry: ModelRegistry,
     *,
     embedding_models: EmbeddingModels | None = None,
+    response_store: ResponseStore | None = None,
     on_load_failure: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The app serving `registry`'s models (vllm_obtain.wiring builds them from the settings;
@@ -72,10 +74,13 @@ def create_app(
     app.state.registry = registry
     app.state.embedding_models = embedding_models
     app.state.config = config
+    app.state.response_store = response_store  # None: /v1/responses stores nothing
     app.state.metrics = ServerMetrics(registry)
     install_error_handlers(app)
     # Added innermost first: a request meets the request context (id, log line, metrics), then
-    # CORS (so browsers' preflights are answered without a key), then keys, then the body limit.
+    # CORS (so browsers' preflights are answered without a key), then keys, then the body
+    # limit, then the body is taken as JSON.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     if config.api_keys:
         app.add_middleware(
@@ -95,6 +100,6 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware, metrics=app.state.metrics, log_prompts=config.log_prompts
     )
-    for module in (chat, completions, embeddings, models, health, metrics):
+    for module in (chat, completions, responses, embeddings, models, health, metrics):
         app.include_router(module.router)
     return app

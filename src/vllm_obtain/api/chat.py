@@ -39,13 +39,7 @@ from vllm_obtain.api.streaming import (
 )
 from vllm_obtain.core.generation import Deltas
 from vllm_obtain.core.planning import plan_chat
-from vllm_obtain.core.tool_stream import (
-    CallEvent,
-    CallReader,
-    ForcedCallReader,
-    TaggedCallReader,
-    assemble,
-)
+from vllm_obtain.core.tool_stream import CallEvent, CallReader, assemble
 from vllm_obtain.core.tools import ToolUse
 
 router = APIRouter(tags=["chat"])
@@ -84,17 +78,16 @@ class ChatShaping:
 
     def __init__(self, tools: ToolUse, *, with_logprobs: bool) -> None:
         self.with_logprobs = with_logprobs
-        self._forced = tools.forced
-        self._offers_tools = bool(tools.offered())
-        self._readers: dict[int, CallReader] = {}
+        self._tools = tools
+        self._readers: dict[int, CallReader | None] = {}
 
     def read(self, index: int, text: str, *, last: bool) -> tuple[str, list[CallEvent]]:
         """Content and call events in the next piece of choice `index`'s text."""
-        if not self._offers_tools:
-            return text, []
         if index not in self._readers:
-            self._readers[index] = ForcedCallReader() if self._forced else TaggedCallReader()
+            self._readers[index] = self._tools.reader()
         reader = self._readers[index]
+        if reader is None:
+            return text, []
         content, events = reader.feed(text)
         if last:
             rest, more = reader.finish()

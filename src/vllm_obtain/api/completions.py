@@ -36,12 +36,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     model = served_model(request, body.model)
     note_prompt(request, body.prompt)
     refuse_unimplemented(body.unsupported_param())
+    prompts = body.prompts(document_start=model.loaded_info.bos_token)
     plan = await plan_completion(
-        model, body.prompts(), body.to_options(), request_id=request_id_of(request)
+        model, prompts, body.to_options(), request_id=request_id_of(request)
     )
     meta = ResponseMeta.new("cmpl", model.id, plan.prompt_tokens)
     count = len(plan.choices)
-    shaping = ChoiceShaping(echoes(body), body.n, with_logprobs=body.logprobs is not None)
+    shaping = ChoiceShaping(echoes(body, prompts), body.n, with_logprobs=body.logprobs is not None)
     deltas = answer_stream(request, model, plan)
     if body.stream:
         return sse_response(completion_chunks(await primed(deltas), meta, shaping, body))
@@ -58,11 +59,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     return JSONResponse(completion.model_dump(mode="json"))
 
 
-def echoes(body: CompletionRequest) -> list[str]:
+def echoes(body: CompletionRequest, texts: list[str | list[int]]) -> list[str]:
     """What each prompt's choices start with: the prompt itself under `echo`, else nothing."""
     if not body.echo:
-        return [""] * len(body.prompts())
-    texts = body.prompts()
+        return [""] * len(texts)
     if not all(isinstance(t, str) for t in texts):
         raise InvalidRequestError("'echo' needs the prompt as text, not token ids.", param="echo")
     return [str(t) for t in texts]

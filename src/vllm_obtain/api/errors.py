@@ -6,7 +6,6 @@ SDKs raise their usual exception classes (BadRequestError, NotFoundError, ...).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vllm_obtain.api.param_names import most_telling, param_name
 from vllm_obtain.api.protocol import ErrorBody, ErrorResponse
 from vllm_obtain.contract import EngineError, EngineRequestError, EngineUnavailableError
 from vllm_obtain.core.generation import GenerationTimeoutError
@@ -95,34 +95,34 @@ def error_response(error: OpenAIError) -> JSONResponse:
     )
 
 
-def param_from_location(loc: Sequence[int | str]) -> str | None:
-    """pydantic's error location as OpenAI spells a param: ("body", "messages", 0, "role")
-    -> "messages.[0].role"."""
-    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc if p != "body"]
-    return ".".join(parts) or None
-
-
-def validation_error(exc: RequestValidationError) -> InvalidRequestError:
-    first: dict[str, Any] = exc.errors()[0]
+def validation_error(exc: RequestValidationError, body_model: Any = None) -> InvalidRequestError:
+    """The first problem pydantic found, as OpenAI words it, naming the param by its path in
+    `body_model` (the route's request model, when it has one)."""
+    first = most_telling(exc.errors(), body_model)
     if first.get("type") == "json_invalid":
         return InvalidRequestError(
             "We could not parse the JSON body of your request. The body must be valid JSON.",
             code="invalid_json",
         )
-    # FastAPI nests union members and tagged types into the location: drop those labels.
-    loc = [p for p in first.get("loc", ()) if not _is_type_label(p)]
-    param = param_from_location(loc)
+    loc = first.get("loc", ())
+    param = param_name(loc, body_model)
     message = first.get("msg", "invalid value")
-    if first.get("type") == "missing":
+    if tuple(loc) == ("body",):
+        message = (
+            "The request body is empty or not a JSON object: send the parameters as a JSON "
+            "object, with 'Content-Type: application/json'."
+        )
+    elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:
         message = f"Invalid value for '{param}': {message}."
     return InvalidRequestError(message, param=param, code="invalid_value")
 
 
-def _is_type_label(part: int | str) -> bool:
-    # e.g. "str", "list[str]", "function-after[...]", "text" tag names pydantic inserts
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+def body_model_of(request: Request) -> Any:
+    """The request model of the route a request matched (None when it takes no body)."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    return getattr(getattr(body_field, "field_info", None), "annotation", None)
 
 
 def as_openai_error(exc: Exception) -> OpenAIError:
@@ -163,12 +163,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(exc))
+        return error_response(validation_error(exc, body_model_of(request)))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}."
+        elif exc.status_code == 404 and "route" not in request.scope:  # no such route
+            message = (
+                f"Invalid URL ({request.method} {request.url.path}): this server answers "
+                "/v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings and "
+                "/v1/models."
+            )
         kind = NotFoundError if exc.status_code == 404 else InvalidRequestError
-        error = kind(str(exc.detail), headers=dict(exc.headers or {}))
+        error = kind(message, headers=dict(exc.headers or {}))
         error.status_code = exc.status_code
         return error_response(error)
 

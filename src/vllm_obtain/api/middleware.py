@@ -91,3 +91,20 @@ class RequestContextMiddleware:
             tokens,
             fields["latency_ms"],
         )
+
+
+class JsonBodyMiddleware:
+    """Every body this API takes is JSON, so it is read as JSON whatever its Content-Type says:
+    `curl -d '{...}'` sends application/x-www-form-urlencoded, and FastAPI would refuse it as
+    "not a valid dictionary". A body that is not JSON is then refused as such."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            declared = dict(scope["headers"]).get(b"content-type", b"")
+            if b"json" not in declared and not declared.startswith(b"multipart/"):
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

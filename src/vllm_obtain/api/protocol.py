@@ -12,7 +12,7 @@ Each request is translated here, once, into the core's engine-neutral terms (`to
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
@@ -42,6 +42,26 @@ OMIT_IF_NONE = Field(exclude_if=_is_none)
 class RequestModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_the_default(cls, data: Any) -> Any:
+        """OpenAI's spec marks most optional params nullable, and clients send null for
+        "unset" (`n: null`, `stream: null`): an optional param given as null gets its default."""
+        if not isinstance(data, dict):
+            return data
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in cls.model_fields or _admits_null(cls, key)
+        }
+
+
+def _admits_null(model: type[BaseModel], name: str) -> bool:
+    """Whether the field takes null as a value of its own (else null means its default; a
+    required field keeps the null, to be refused)."""
+    field = model.model_fields[name]
+    return field.is_required() or type(None) in get_args(field.annotation)
+
 
 # --- requests ------------------------------------------------------------------------------
 
@@ -49,6 +69,16 @@ class RequestModel(BaseModel):
 class TextPart(RequestModel):
     type: Literal["text"]
     text: str
+
+
+class NonTextPart(RequestModel, extra="allow"):
+    """An image, audio or file: declared so that it is refused by name (the models served
+    here read text)."""
+
+    type: Literal["image_url", "input_audio", "file", "refusal"]
+
+
+ContentPart = Annotated[TextPart | NonTextPart, Field(discriminator="type")]
 
 
 class StreamOptions(RequestModel):
@@ -99,16 +129,31 @@ class MessageToolCall(RequestModel):
 
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[MessageToolCall] | None = None  # on assistant messages
     tool_call_id: str | None = None  # on tool messages
+
+    @field_validator("content")
+    @classmethod
+    def _text_content(
+        cls, content: str | list[ContentPart] | None, info: ValidationInfo
+    ) -> str | list[ContentPart] | None:
+        role = info.data.get("role")
+        if content is None and role != "assistant":  # only an answer with tool calls has none
+            raise ValueError(f"a {role} message needs content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, NonTextPart):
+                raise ValueError(
+                    f"this model reads text only: '{part.type}' parts are not supported"
+                )
+        return content
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates expect it: a plain string `content`."""
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            content = "".join(part.text for part in content if isinstance(part, TextPart))
         # "developer" is OpenAI's newer name for "system"; model templates only know the latter.
         message: dict[str, Any] = {
             "role": "system" if self.role == "developer" else self.role,
@@ -126,7 +171,7 @@ class ChatMessage(RequestModel):
                     "type": "function",
                     "function": {
                         "name": c.function.name,
-                        "arguments": _json_or_text(c.function.arguments),
+                        "arguments": json_or_text(c.function.arguments),
                     },
                 }
                 for c in self.tool_calls
@@ -134,7 +179,7 @@ class ChatMessage(RequestModel):
         return message
 
 
-def _json_or_text(text: str) -> Any:
+def json_or_text(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:
@@ -304,8 +349,8 @@ PromptParam = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
-    prompt: PromptParam
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    prompt: PromptParam | None  # null: OpenAI's default, a new document's start
+    max_tokens: Annotated[int, Field(ge=1)] = 16  # OpenAI's default for completions
     echo: bool = False
     suffix: str | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
@@ -315,9 +360,12 @@ class CompletionRequest(SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt param as a list of prompts, each text or token ids."""
+    def prompts(self, document_start: str = "") -> list[str | list[int]]:
+        """The prompt param as a list of prompts, each text or token ids; a null prompt is
+        `document_start` (OpenAI's default: generate as from a new document's start)."""
         prompt = self.prompt
+        if prompt is None:
+            return [document_start]
         if isinstance(prompt, str):
             return [prompt]
         if prompt and all(isinstance(p, int) for p in prompt):

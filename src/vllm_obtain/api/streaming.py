@@ -105,22 +105,33 @@ async def primed(deltas: Deltas) -> Deltas:
     return chained()
 
 
-async def sse_frames(objects: AsyncGenerator[BaseModel, None]) -> AsyncGenerator[str, None]:
+async def sse_frames(
+    objects: AsyncGenerator[BaseModel, None], *, named: bool = False
+) -> AsyncGenerator[str, None]:
     """`data: {json}` per object, then `data: [DONE]`; a failure mid-stream becomes an error
-    event (the OpenAI SDKs raise it as APIError) rather than a silently truncated answer."""
+    event (the OpenAI SDKs raise it as APIError) rather than a silently truncated answer.
+    `named`: the Responses API's framing, `event: <type>` before each object and no [DONE]."""
     try:
         async for obj in objects:
-            yield f"data: {obj.model_dump_json()}\n\n"
+            data = obj.model_dump_json()
+            yield (
+                f"event: {getattr(obj, 'type', '')}\ndata: {data}\n\n"
+                if named
+                else f"data: {data}\n\n"
+            )
     except Exception as exc:
         error = as_openai_error(exc)
         logger.opt(exception=exc).error("stream failed: {}", exc)
         yield f"data: {error.envelope().model_dump_json()}\n\n"
     finally:
         await objects.aclose()
-    yield "data: [DONE]\n\n"
+    if not named:
+        yield "data: [DONE]\n\n"
 
 
-def sse_response(objects: AsyncGenerator[BaseModel, None]) -> StreamingResponse:
+def sse_response(
+    objects: AsyncGenerator[BaseModel, None], *, named: bool = False
+) -> StreamingResponse:
     return StreamingResponse(
-        sse_frames(objects), media_type="text/event-stream", headers=SSE_HEADERS
+        sse_frames(objects, named=named), media_type="text/event-stream", headers=SSE_HEADERS
     )

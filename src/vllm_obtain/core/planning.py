@@ -60,29 +60,32 @@ class Plan:
     prompt_tokens: int
 
 
-def requested_features(options: GenerationOptions) -> set[str]:
-    """The features these options ask of an engine: each sampling param set to other than its
-    default, logprobs, and a JSON constraint by the field it came from."""
+def requested_features(options: GenerationOptions) -> dict[str, str]:
+    """What these options ask of an engine (Engine.supported_params), each with the request
+    field it came from: every sampling param set to other than its default, logprobs, and a
+    JSON constraint (`response_format` on chat, `text.format` on the Responses API)."""
     defaults = SamplingParams()
     features = {
-        name
+        name: name
         for name in SAMPLING_FEATURES
         if getattr(options.sampling, name) != getattr(defaults, name)
     }
     if options.logprobs is not None:
-        features.add("logprobs")
+        features["logprobs"] = "logprobs"
     if options.json_output is not None:
-        features.add(options.json_output.param)
+        param = options.json_output.param
+        features["tool_choice" if param == "tool_choice" else "response_format"] = param
     return features
 
 
-def refuse_unsupported(features: set[str], engine: Engine) -> None:
+def refuse_unsupported(features: dict[str, str], engine: Engine) -> None:
     """A feature the engine does not implement is refused by name, never silently ignored."""
-    lacking = sorted(features - engine.supported_params)
+    lacking = sorted(feature for feature in features if feature not in engine.supported_params)
     if lacking:
+        param = features[lacking[0]]
         raise ParamError(
-            f"'{lacking[0]}' is not supported by the {engine.name} engine.",
-            param=lacking[0],
+            f"'{param}' is not supported by the {engine.name} engine.",
+            param=param,
             code="unsupported",
         )
 
@@ -94,12 +97,15 @@ async def plan_chat(
     options: GenerationOptions,
     *,
     request_id: str,
+    truncate: bool = False,
 ) -> Plan:
     """A chat request: its tools checked and, when a call is forced, made the JSON constraint;
-    the conversation rendered with the model's template and tokenized."""
+    the conversation rendered with the model's template and tokenized. With `truncate`, the
+    oldest turns are dropped until it fits the context (the Responses API's truncation=auto)."""
     features = requested_features(options)
     if tools.forced:  # forcing a call is a JSON constraint of its own
-        features = (features - {"response_format"}) | {"tool_choice"}
+        features.pop("response_format", None)
+        features["tool_choice"] = "tool_choice"
     refuse_unsupported(features, model.engine)
     problem = tools.problem(json_format_asked=options.json_output is not None)
     if problem is not None:
@@ -107,7 +113,31 @@ async def plan_chat(
     if tools.forced:
         options = replace(options, json_output=tools.forced_output())
     prompt = await model.chat_prompt_tokens(messages, tools.offered())
+    while truncate and not _fits(model, len(prompt), options.max_tokens):
+        shorter = without_oldest_turn(messages)
+        if shorter is None:
+            break  # nothing left to drop: planning says why it does not fit
+        messages = shorter
+        prompt = await model.chat_prompt_tokens(messages, tools.offered())
     return plan_choices(model, [prompt], options, request_id=request_id, prompt_param="messages")
+
+
+def _fits(model: ServedModel, prompt_tokens: int, max_tokens: int | None) -> bool:
+    limit = model.limits.max_prompt_tokens
+    room = model.loaded_info.context_length - prompt_tokens
+    return room >= (max_tokens or 1) and not (limit and prompt_tokens > limit)
+
+
+def without_oldest_turn(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]] | None:
+    """The conversation without its oldest message after the system prompt (and the tool
+    results answering it, which make no sense alone); None when only one message is left."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if first is None or sum(m["role"] != "system" for m in messages) <= 1:
+        return None
+    end = first + 1
+    while end < len(messages) and messages[end]["role"] == "tool":
+        end += 1
+    return [*messages[:first], *messages[end:]]
 
 
 async def plan_completion(

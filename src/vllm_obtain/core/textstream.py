@@ -43,10 +43,11 @@ class TextStream:
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The sequence ended: flush what was held back (broken bytes become U+FFFD)."""
+        """The sequence ended: flush what was held back. The first bytes of a character the
+        end cut off (max_tokens can) are dropped, not shown as U+FFFD."""
         if self.stopped:
             return ""
-        self._pending += self._decoder.decode(b"", final=True)
+        self._decoder.reset()
         return self._release(final=True)
 
     def _release(self, *, final: bool) -> str:

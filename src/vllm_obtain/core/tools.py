@@ -23,7 +23,13 @@ import jinja2
 import jinja2.meta
 
 from vllm_obtain.contract import JsonOutput
-from vllm_obtain.core.tool_stream import CLOSE, OPEN
+from vllm_obtain.core.tool_stream import (
+    CLOSE,
+    OPEN,
+    CallReader,
+    ForcedCallReader,
+    TaggedCallReader,
+)
 
 MAX_PARALLEL_CALLS = 8
 
@@ -74,6 +80,13 @@ class ToolUse:
         if self.forced and json_format_asked:
             return "A tool_choice that forces a call cannot be combined with response_format."
         return None
+
+    def reader(self) -> CallReader | None:
+        """What reads the calls out of an answer as it streams: the forced JSON, calls inside
+        tags among content, or nothing when no tool is offered."""
+        if self.forced:
+            return ForcedCallReader()
+        return TaggedCallReader() if self.offered() else None
 
     def forced_output(self) -> JsonOutput:
         """The JSON a forced answer must be: one call of the named function, or under

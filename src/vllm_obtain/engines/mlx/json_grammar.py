@@ -3,18 +3,36 @@ grammar engine behind guidance and one of vLLM's structured-output backends).
 
 llguidance's own MLX helper is a Metal kernel; masking with `mx.where` works on every MLX
 backend, the CPU one included.
+
+Whitespace is bounded as llama.cpp's JSON grammars bound it: llguidance's default allows any run
+of spaces, tabs and newlines between items, and a small model would pad with them until
+max_tokens. Every JSON value the schema allows can still be written, compactly or spaced.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vllm_obtain.contract import EngineRequestError, JsonOutput
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
 # OpenAI's json_object: any JSON object.
 ANY_OBJECT = '{"type": "object"}'
+
+# At most one space on either side of each `,` and `:`, none elsewhere (`{"a": 1, "b": [2]}`
+# and `{"a":1,"b":[2]}` pass; `{"a": 1,\n\t\t"b"...` does not). Overrides, so that a schema's
+# own "x-guidance" cannot lift the bound. Not `whitespace_pattern`: llguidance 1.7 repeats it,
+# so even " " lets a run of spaces through.
+BOUNDED_WHITESPACE: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "whitespace_pattern": None,
+    "item_separator": r"\x20?,\x20?",
+    "key_separator": r"\x20?:\x20?",
+}
 
 
 class JsonGrammars:
@@ -29,7 +47,9 @@ class JsonGrammars:
     def processor(self, json_output: JsonOutput) -> JsonLogitsProcessor:
         from llguidance import LLMatcher
 
-        grammar = LLMatcher.grammar_from_json_schema(json_output.schema or ANY_OBJECT)
+        grammar = LLMatcher.grammar_from_json_schema(
+            json_output.schema or ANY_OBJECT, overrides=BOUNDED_WHITESPACE
+        )
         matcher = LLMatcher(self._tokenizer, grammar)
         if matcher.is_error():
             raise EngineRequestError(

@@ -29,6 +29,7 @@ from vllm_obtain.contract import (
     TokenChunk,
     TokenLogprob,
 )
+from vllm_obtain.engines.vllm.cpu_memory import GIB, NodeMemory, cpu_memory_utilization
 
 
 class VllmEngine:
@@ -70,6 +71,9 @@ class VllmEngine:
         if self._context_length:
             args.setdefault("max_model_len", self._context_length)
         args.setdefault("disable_log_stats", True)
+        utilization = self._cpu_memory_utilization()
+        if utilization is not None:
+            args["gpu_memory_utilization"] = utilization
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._tokenizer = self._engine.get_tokenizer()
         config = self._engine.model_config
@@ -82,6 +86,40 @@ class VllmEngine:
             bos_token=self._tokenizer.bos_token or "",
             eos_token=self._tokenizer.eos_token or "",
         )
+
+    def _cpu_memory_utilization(self) -> float | None:
+        """On a CPU, a gpu_memory_utilization that fits what is free (see cpu_memory.py)."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        memory = _node_memory()
+        if memory is None:
+            return None
+        space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")  # vLLM prefers it to the argument
+        kv_cache = int(space) * GIB if space else self._engine_args.get("kv_cache_memory_bytes")
+        if kv_cache is not None and not isinstance(kv_cache, int):
+            return None  # a size such as "4G": vLLM reads it and checks it itself
+        weights = sum(
+            f.stat().st_size
+            for pattern in ("*.safetensors", "*.bin")
+            for f in self.model_dir.glob(pattern)
+        )
+        utilization = cpu_memory_utilization(
+            memory,
+            weights=weights,
+            kv_cache=kv_cache,
+            user_utilization="gpu_memory_utilization" in self._engine_args,
+        )
+        if utilization is not None:
+            logger.info(
+                "vLLM on CPU: gpu_memory_utilization {} ({:.1f} of {:.1f} GiB free on node {})",
+                utilization,
+                memory.free / GIB,
+                memory.total / GIB,
+                memory.node,
+            )
+        return utilization
 
     async def unload(self) -> None:
         if self._engine is not None:
@@ -145,6 +183,26 @@ class VllmEngine:
         finally:
             self._running -= 1
             await outputs.aclose()  # aborts the request inside vLLM if it is still running
+
+
+def _node_memory() -> NodeMemory | None:
+    """The NUMA node vLLM's CPU worker binds to, measured as vLLM measures it."""
+    try:
+        from vllm.utils.cpu_resource_utils import (
+            get_allowed_cpu_list,
+            get_memory_node_info,
+            get_visible_memory_node,
+        )
+
+        node = get_allowed_cpu_list()[0].numa_node
+        visible = get_visible_memory_node()
+        if node not in visible:
+            node = visible[0]
+        info = get_memory_node_info(node)
+    except Exception as exc:  # vLLM internals that moved: leave the sizing to vLLM
+        logger.warning("vLLM on CPU: cannot read the NUMA node's memory ({}); vLLM sizes it", exc)
+        return None
+    return NodeMemory(node, info.total_memory, info.available_memory)
 
 
 def _structured_outputs(request: GenerationRequest) -> Any:
