@@ -19,7 +19,9 @@ REQUEST_ID_HEADER = "x-request-id"
 # Probes and scrapes arrive every few seconds; their lines are DEBUG so they do not drown the rest.
 QUIET_PATHS = ("/health", "/metrics")
 # The routes whose requests last long enough for an in-flight gauge to mean something.
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+GENERATION_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
+)
 
 
 class RequestContextMiddleware:
