@@ -53,10 +53,13 @@ def test_json_schema_streamed_answer_validates(client):
 
 
 def test_json_object_answers_are_json_objects(client):
+    # An ask the small model answers briefly: "describe a cat as JSON" had it ramble inside a
+    # string to max_tokens in 5 of 8 seeds, so that no answer of three was left to check.
+    ask = [{"role": "user", "content": "Give a JSON object with two keys: name (Tom) and age (3)."}]
     finished = 0
     for seed in (1, 2, 3):
         response = client.chat.completions.create(
-            model=MODEL, messages=ASK, max_tokens=200, seed=seed, temperature=0.7,
+            model=MODEL, messages=ask, max_tokens=200, seed=seed, temperature=0.7,
             response_format={"type": "json_object"},
         )  # fmt: skip
         choice = response.choices[0]
