@@ -12,15 +12,15 @@ import json
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.protocol import (
     OMIT_IF_NONE,
+    FunctionDefinition,
     FunctionName,
     JsonSchemaFormat,
     RequestModel,
-    check_json_schema,
     json_or_text,
 )
 from vllm_obtain.contract import JsonOutput, SamplingParams
@@ -79,19 +79,10 @@ InputItem = Annotated[
 ]
 
 
-class FunctionTool(RequestModel):
-    type: Literal["function"]
-    name: FunctionName
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+class FunctionTool(FunctionDefinition):
+    """Chat's function definition with its type beside it (the Responses API's tool shape)."""
 
-    @field_validator("parameters")
-    @classmethod
-    def _parameters_are_a_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
-        if schema is not None:
-            check_json_schema(schema)
-        return schema
+    type: Literal["function"]
 
 
 class HostedTool(RequestModel, extra="allow"):
