@@ -70,25 +70,30 @@ class Refuses(ScriptedEngine):
         super().__init__(refuse=REFUSAL)
 
 
-class BlocksLoop(ScriptedEngine):
+class HangsOnCue(ScriptedEngine):
+    """Answers as ScriptedEngine does, except the prompt (HANG_TOKEN,): one token, then hang()."""
+
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         if request.prompt_tokens != (HANG_TOKEN,):
             async for chunk in super().generate(request):
                 yield chunk
             return
         yield TokenChunk((ord("H"),), b"H")
-        # Resumed straight after the token is sent, with no turn of the event loop in between:
+        await self.hang()
+
+    async def hang(self) -> None:
+        raise NotImplementedError
+
+
+class BlocksLoop(HangsOnCue):
+    async def hang(self) -> None:
+        # Reached straight after the token is sent, with no turn of the event loop in between:
         # the token is the last message the server hears.
         time.sleep(60)
 
 
-class Stalls(ScriptedEngine):
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
-        if request.prompt_tokens != (HANG_TOKEN,):
-            async for chunk in super().generate(request):
-                yield chunk
-            return
-        yield TokenChunk((ord("H"),), b"H")
+class Stalls(HangsOnCue):
+    async def hang(self) -> None:
         await asyncio.Event().wait()
 
 

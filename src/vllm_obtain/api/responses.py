@@ -111,15 +111,19 @@ async def previous_conversation(
     return stored.conversation
 
 
+def not_stored(response_id: str) -> NotFoundError:
+    return NotFoundError(
+        f"No response with id '{response_id}' is stored here.",
+        param="response_id",
+        code="response_not_found",
+    )
+
+
 async def stored(request: Request, response_id: str) -> StoredResponse:
     store = store_of(request)
     found = await store.get(response_id) if store is not None else None
     if found is None:
-        raise NotFoundError(
-            f"No response with id '{response_id}' is stored here.",
-            param="response_id",
-            code="response_not_found",
-        )
+        raise not_stored(response_id)
     return found
 
 
@@ -140,11 +144,7 @@ async def retrieve_response(
 async def delete_response(response_id: str, request: Request) -> DeletedResponse:
     store = store_of(request)
     if store is None or not await store.delete(response_id):
-        raise NotFoundError(
-            f"No response with id '{response_id}' is stored here.",
-            param="response_id",
-            code="response_not_found",
-        )
+        raise not_stored(response_id)
     return DeletedResponse(id=response_id)
 
 

@@ -371,6 +371,15 @@ class EngineProcess:
         if not self._streams and not self._watched_calls:
             self._last_progress = time.monotonic()
 
+    # --- shared by both contracts -------------------------------------------------------------
+
+    async def unload(self) -> None:
+        await self._stop()
+
+    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special), watched=True)
+        return answer.ids
+
     def stats(self) -> dict[str, float]:
         proc = self._proc
         return {
@@ -390,13 +399,6 @@ class SupervisedEngine(EngineProcess):
         self.supported_params, self.max_running = ready.supported_params, ready.max_running
         return ready.info
 
-    async def unload(self) -> None:
-        await self._stop()
-
-    async def tokenize(self, text: str, *, add_special: bool) -> list[int]:
-        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special), watched=True)
-        return answer.ids
-
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         return self._stream(request)
 
@@ -409,13 +411,6 @@ class SupervisedEmbedder(EngineProcess):
         if not isinstance(ready.info, EmbeddingModelInfo):
             raise EngineError(f"the {self.label} engine process serves no embedding model")
         return ready.info
-
-    async def unload(self) -> None:
-        await self._stop()
-
-    async def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        answer: Tokens = await self._ask(lambda sid: Tokenize(sid, text, add_special), watched=True)
-        return answer.ids
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         answer: Vectors = await self._ask(lambda sid: Embed(sid, inputs), watched=False)
