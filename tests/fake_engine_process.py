@@ -87,8 +87,9 @@ class HangsOnCue(ScriptedEngine):
 
 class BlocksLoop(HangsOnCue):
     async def hang(self) -> None:
-        # Reached straight after the token is sent, with no turn of the event loop in between:
-        # the token is the last message the server hears.
+        # One turn of the event loop sends the token (the host batches a turn's chunks); then
+        # the loop blocks, and the token is the last message the server hears.
+        await asyncio.sleep(0.05)
         time.sleep(60)
 
 

@@ -2,7 +2,12 @@
 
 Each client sends chat completions from a fixed prompt set with a fixed output length and reads
 the SSE stream; per request we record the time to the first token and the gaps between tokens.
-`--compare URL2` measures a second server the same way in the same run and prints the ratios.
+`--compare URL2` measures a second server the same way in the same run and prints the ratios;
+`--plot` draws tokens/s and time to first token against concurrency for each server.
+
+Two rates per run: `output_tokens_per_s` is every token over the wall time (prefill and
+queueing included: what a batch job sees), `decode_tokens_per_s_per_stream` is 1 / the mean gap
+between tokens (what a reader of one stream sees, and what an in-process decode loop measures).
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ class BenchResult:
     ttft_p99_ms: float | None
     itl_p50_ms: float | None
     itl_p99_ms: float | None
+    itl_mean_ms: float | None = None
+    decode_tokens_per_s_per_stream: float | None = None
+    name: str = ""  # the label given for this server (or its URL)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -59,6 +67,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
+    result = await _one_request(client, url, body)
+    if result.error is not None and result.error.startswith("RemoteProtocolError"):
+        # A keep-alive connection the server had just closed (llama-server closes idle ones):
+        # what any HTTP client retries once, on a new connection.
+        result = await _one_request(client, url, body)
+    return result
+
+
+async def _one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
     result = RequestResult()
     started = last = time.perf_counter()
     try:
@@ -89,7 +106,16 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
 
 
 async def run_load(
-    url: str, *, model: str, concurrency: int, requests: int, max_tokens: int, warmup: int
+    url: str,
+    *,
+    model: str,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    warmup: int,
+    temperature: float = 0.7,
+    seeded: bool = False,
+    name: str = "",
 ) -> BenchResult:
     """`requests` requests through `concurrency` clients, after `warmup` unmeasured ones."""
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -100,8 +126,10 @@ async def run_load(
                 "model": model,
                 "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                 "max_tokens": max_tokens,
-                "temperature": 0.7,
-                "seed": i,
+                "temperature": temperature,
+                # Chat front-ends send no seed; a seeded request trades some prefix reuse for
+                # reproducibility on our server (see the README), so it is measured on demand.
+                **({"seed": i} if seeded else {}),
                 "ignore_eos": True,  # fixed output length (vLLM, llama.cpp and us honour it)
                 "stream": True,
                 "stream_options": {"include_usage": True},
@@ -128,6 +156,7 @@ async def run_load(
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 1)
 
+    mean_gap = sum(gaps) / len(gaps) if gaps else None
     return BenchResult(
         url=url,
         concurrency=concurrency,
@@ -141,15 +170,19 @@ async def run_load(
         ttft_p99_ms=ms(percentile(ttfts, 99)),
         itl_p50_ms=ms(percentile(gaps, 50)),
         itl_p99_ms=ms(percentile(gaps, 99)),
+        itl_mean_ms=ms(mean_gap),
+        decode_tokens_per_s_per_stream=round(1 / mean_gap, 1) if mean_gap else None,
+        name=name or url,
     )
 
 
 def format_table(results: list[BenchResult]) -> str:
     columns = [
-        ("url", "url"), ("conc", "concurrency"), ("reqs", "requests"), ("errors", "errors"),
+        ("server", "name"), ("conc", "concurrency"), ("reqs", "requests"), ("errors", "errors"),
         ("tok/s", "output_tokens_per_s"), ("req/s", "requests_per_s"),
         ("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p99 ms", "ttft_p99_ms"),
         ("ITL p50 ms", "itl_p50_ms"), ("ITL p99 ms", "itl_p99_ms"),
+        ("decode tok/s/stream", "decode_tokens_per_s_per_stream"),
     ]  # fmt: skip
     rows = [[h for h, _ in columns]]
     rows += [[str(getattr(r, key)) for _, key in columns] for r in results]
@@ -170,6 +203,9 @@ def ratios(ours: BenchResult, theirs: BenchResult) -> dict[str, float | None]:
         "requests_per_s": div(ours.requests_per_s, theirs.requests_per_s),
         "ttft_p50_speedup": div(theirs.ttft_p50_ms, ours.ttft_p50_ms),
         "itl_p50_speedup": div(theirs.itl_p50_ms, ours.itl_p50_ms),
+        "decode_per_stream": div(
+            ours.decode_tokens_per_s_per_stream, theirs.decode_tokens_per_s_per_stream
+        ),
     }
 
 
@@ -181,7 +217,11 @@ async def bench(
     requests_per_client: int,
     max_tokens: int,
     warmup: int,
+    temperature: float = 0.7,
+    seeded: bool = False,
+    names: list[str] | None = None,
 ) -> dict[str, Any]:
+    labels = dict(zip(urls, names or urls, strict=False))
     results: list[BenchResult] = []
     for level in concurrency:
         for url in urls:
@@ -193,6 +233,9 @@ async def bench(
                     requests=max(level * requests_per_client, level),
                     max_tokens=max_tokens,
                     warmup=min(warmup, level),
+                    temperature=temperature,
+                    seeded=seeded,
+                    name=labels.get(url, url),
                 )
             )
     report: dict[str, Any] = {"results": [asdict(r) for r in results]}
@@ -212,3 +255,36 @@ async def bench(
     report["scaling_vs_one_stream"] = scaling
     report["table"] = format_table(results)
     return report
+
+
+def plot(results: list[dict[str, Any]], path: str, *, title: str = "") -> None:
+    """Tokens/s and TTFT p50 against concurrency, one line per server (results as in the JSON
+    report; several runs' results may be passed together)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install matplotlib") from exc
+    servers: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        servers.setdefault(r.get("name") or r["url"], []).append(r)
+    figure, (rate, first) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, rows in servers.items():
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        levels = [r["concurrency"] for r in rows]
+        rate.plot(levels, [r["output_tokens_per_s"] for r in rows], marker="o", label=name)
+        first.plot(levels, [r["ttft_p50_ms"] for r in rows], marker="o", label=name)
+    for axes, label in ((rate, "output tokens/s"), (first, "TTFT p50 (ms)")):
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("concurrent streams")
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    first.set_yscale("log")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -196,7 +196,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Drive one or two OpenAI-compatible servers with concurrent streaming clients."""
-    from vllm_obtain.bench import bench
+    from vllm_obtain.bench import bench, plot
 
     urls = [args.base_url.rstrip("/")] + ([args.compare.rstrip("/")] if args.compare else [])
     report = asyncio.run(
@@ -207,8 +207,13 @@ def run_bench(args: argparse.Namespace) -> int:
             requests_per_client=args.requests_per_client,
             max_tokens=args.max_tokens,
             warmup=args.warmup,
+            temperature=args.temperature,
+            seeded=args.seeded,
+            names=args.names.split(",") if args.names else None,
         )
     )
+    if args.plot:
+        plot(report["results"], args.plot, title=args.title)
     print(report.pop("table"))
     if "ratios" in report:
         print("\nratios (first URL vs --compare; above 1: first is better)")
@@ -256,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cmd.add_argument("--requests-per-client", type=int, default=2)
     bench_cmd.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     bench_cmd.add_argument("--warmup", type=int, default=2, help="unmeasured requests first")
+    bench_cmd.add_argument("--temperature", type=float, default=0.7)
+    bench_cmd.add_argument("--seeded", action="store_true", help="send a seed with each request")
+    bench_cmd.add_argument("--names", help="labels for the servers, comma-separated")
     bench_cmd.add_argument("--json", help="also write the report here")
+    bench_cmd.add_argument("--plot", help="draw tokens/s and TTFT against concurrency (PNG)")
+    bench_cmd.add_argument("--title", default="", help="the plot's title")
     bench_cmd.set_defaults(func=run_bench)
 
     commands.add_parser("models", help="list model aliases").set_defaults(func=list_models)

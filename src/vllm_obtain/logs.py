@@ -57,7 +57,11 @@ def configure_logging(*, level: str, json_lines: bool, logs_dir: Path | None) ->
             logs_dir / "vllm-obtain.log", rotation="50 MB", retention=5, enqueue=True, **options
         )
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+    # Their records below our level would only be dropped by loguru; and uvicorn wraps the app
+    # in a per-message tracing middleware (work on every SSE chunk) when its level is TRACE.
+    standard_level = logging.getLevelName(level.upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"):
         named = logging.getLogger(name)
         named.handlers = [InterceptHandler()]
         named.propagate = False
+        named.setLevel(standard_level if isinstance(standard_level, int) else logging.DEBUG)

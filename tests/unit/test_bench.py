@@ -21,3 +21,19 @@ def test_table_has_a_row_per_result():
     table = format_table([result("a", 1, 1), result("b", 2, 2)])
     assert len(table.splitlines()) == 3
     assert "tok/s" in table.splitlines()[0]
+
+
+def test_plot_draws_one_png_from_the_results_of_several_servers(tmp_path):
+    from dataclasses import asdict
+
+    from vllm_obtain.bench import plot
+
+    rows = []
+    for name, scale in (("ours", 1.0), ("llama-server", 0.9)):
+        for level in (1, 16, 64):
+            row = asdict(result(name, 50 * level * scale, 100.0 * level))
+            rows.append({**row, "concurrency": level, "name": name})
+    out = tmp_path / "speed.png"
+    plot(rows, str(out), title="test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 10_000  # two panels with lines, not an empty canvas

@@ -25,7 +25,7 @@ from vllm_obtain.contract import (
 from vllm_obtain.runtime.child import EngineHost
 from vllm_obtain.runtime.supervisor import describe_exit
 from vllm_obtain.runtime.wire import (
-    Chunk,
+    Chunks,
     ErrorReport,
     Failed,
     FromEngine,
@@ -43,7 +43,7 @@ from vllm_obtain.runtime.wire import (
 def test_frames_round_trip_through_a_pipe_even_when_written_in_pieces():
     messages: list[ToEngine | FromEngine] = [
         Generate(7, GenerationRequest("r", (1, 2, 3), 16, SamplingParams(seed=5))),
-        Chunk(7, TokenChunk((42,), b"\xe2\x82", None)),  # half a UTF-8 character
+        Chunks(((7, TokenChunk((42,), b"\xe2\x82", None)),)),  # half a UTF-8 character
         Stats({"running": 1.0}),
     ]
     data = b"".join(encode_frame(m) for m in messages)
@@ -108,7 +108,7 @@ async def serve_until(
     def answered() -> int:
         return sum(
             isinstance(m, Tokens)
-            or (isinstance(m, Chunk) and m.chunk.finish_reason is not None)
+            or (isinstance(m, Chunks) and any(c.finish_reason for _, c in m.items))
             or isinstance(m, Failed)
             for m in sent
         )

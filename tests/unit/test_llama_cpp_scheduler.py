@@ -59,6 +59,7 @@ class FakeLib:
         self.batch_inits: list[tuple[int, int, int]] = []
         self.freed: list[FakeBatch] = []
         self.seq_rm: list[tuple[int, int, int]] = []  # (seq_id, p0, p1)
+        self.seq_cp: list[tuple[int, int, int, int]] = []  # (src, dst, p0, p1)
         self.decodes: list[list[Row]] = []
         self.logits_rows: list[list[int]] = []  # per decode call: batch indices with logits
         self.fail_next_decode = 0  # a nonzero code: the next llama_decode returns it
@@ -74,6 +75,10 @@ class FakeLib:
         assert memory is self._ctx.memory
         self.seq_rm.append((seq_id, p0, p1))
         return True
+
+    def llama_memory_seq_cp(self, memory: object, src: int, dst: int, p0: int, p1: int) -> None:
+        assert memory is self._ctx.memory
+        self.seq_cp.append((src, dst, p0, p1))
 
     def llama_decode(self, ctx: object, batch: FakeBatch) -> int:
         assert ctx is self._ctx.ctx
@@ -146,9 +151,10 @@ class Rig:
         *,
         script: list[int] | None = None,
         ignore_eos: bool = False,
+        seed: int | None = None,
     ) -> Job:
         request = GenerationRequest(
-            rid, prompt, max_tokens, sampling=SamplingParams(ignore_eos=ignore_eos)
+            rid, prompt, max_tokens, sampling=SamplingParams(ignore_eos=ignore_eos, seed=seed)
         )
         self.scripts[rid] = script if script is not None else [FILLER] * max_tokens
         outputs: list[Output] = []
@@ -253,7 +259,7 @@ def test_idle_cached_slots_are_evicted_least_recently_used_first_and_only_as_nee
     rig = Rig(n_slots=3, kv_tokens=12, batch_size=4)
     # One request at a time, each 3 prompt tokens and 1 generated (nothing fed back): every slot
     # ends up holding its prompt's 3 cells. Use order: slot 0, slot 1, slot 2, then slot 0 again
-    # (its prompt shares a prefix), so least recently used is slot 1, slot 2, slot 0.
+    # (its prompt shares a prefix, 2 tokens reused), so least recently used is slot 1, 2, 0.
     for rid, prompt in [
         ("a", (10, 11, 12)),
         ("b", (20, 21, 22)),
@@ -263,7 +269,7 @@ def test_idle_cached_slots_are_evicted_least_recently_used_first_and_only_as_nee
         rig.submit(rid, prompt, 1)
         rig.run_until_idle()
     assert [rig.cached(i) for i in range(3)] == [[10, 11, 15], [20, 21, 22], [30, 31, 32]]
-    assert rig.lib.seq_rm == [(0, 0, -1), (1, 0, -1), (2, 0, -1), (0, 0, -1)]
+    assert rig.lib.seq_rm == [(0, 0, -1), (1, 0, -1), (2, 0, -1), (0, 2, -1)]
     del rig.lib.seq_rm[:]
 
     # Shares no prefix with any slot: takes the least recently used one (slot 1), whose own
@@ -324,25 +330,32 @@ def test_new_request_takes_the_free_slot_sharing_the_longest_prefix_with_its_pro
     rig.submit("c", prompt, 1)
     rig.step()
 
-    # 9 shared tokens are cut to 8, two whole chunks of 4; the rest is evaluated from pos 8.
-    assert rig.lib.seq_rm == [(1, 8, -1)]
-    assert rig.scheduler.prefix_tokens_reused == 8
-    assert rig.lib.decodes[first_new_decode:] == [prefill_rows(1, prompt, 8, 12)]
+    # All 9 shared tokens are reused; the rest is evaluated from pos 9.
+    assert rig.lib.seq_rm == [(1, 9, -1)]
+    assert rig.lib.seq_cp == []
+    assert rig.scheduler.prefix_tokens_reused == 9
+    assert rig.lib.decodes[first_new_decode:] == [prefill_rows(1, prompt, 9, 12)]
     assert (rig.cached(0), rig.cached(1), rig.cached(2)) == (list(short), list(prompt), [])
     assert rig.chunks("c") == [TokenChunk((FILLER,), PIECES[FILLER], "length")]
 
 
 @pytest.mark.parametrize(
-    ("prompt", "reuse"),
+    ("prompt", "seed", "reuse"),
     [
-        (span(10, 8), 4),  # all 8 cached: at least one token is evaluated, so 7, cut to 4
-        ((*span(10, 8), 30, 40), 8),  # 9 shared (a generated token too), cut to 8
-        ((*span(10, 7), 98, 99), 4),  # 7 shared, cut to 4
-        ((10, 11, 12, 50, 51), 0),  # 3 shared: less than a chunk, nothing reused
+        # Unseeded: every shared token, but at least one token is evaluated.
+        (span(10, 8), None, 7),  # all 8 cached: 7
+        ((*span(10, 8), 30, 40), None, 9),  # 9 shared (a generated token too)
+        ((*span(10, 7), 98, 99), None, 7),
+        ((10, 11, 12, 50, 51), None, 3),
+        # Seeded: cut to whole chunks of 4, so its prompt is evaluated as a fresh one would be.
+        (span(10, 8), 7, 4),
+        ((*span(10, 8), 30, 40), 7, 8),
+        ((*span(10, 7), 98, 99), 7, 4),
+        ((10, 11, 12, 50, 51), 7, 0),  # 3 shared: less than a chunk, nothing reused
     ],
 )
-def test_reused_prefix_is_cut_to_whole_batch_chunks_and_never_covers_the_whole_prompt(
-    prompt: tuple[int, ...], reuse: int
+def test_reuse_covers_every_shared_token_but_whole_chunks_for_a_seeded_request(
+    prompt: tuple[int, ...], seed: int | None, reuse: int
 ) -> None:
     rig = Rig(n_slots=1, kv_tokens=100, batch_size=4)
     rig.submit("first", span(10, 8), 2, script=[30, 31])
@@ -350,13 +363,48 @@ def test_reused_prefix_is_cut_to_whole_batch_chunks_and_never_covers_the_whole_p
     assert rig.cached(0) == [*span(10, 8), 30]  # the last sampled token is never fed back
     first_new_decode = len(rig.lib.decodes)
 
-    rig.submit("again", prompt, 1)
+    rig.submit("again", prompt, 1, seed=seed)
     rig.step()
 
     assert rig.lib.seq_rm[-1] == (0, reuse, -1)
     assert rig.scheduler.prefix_tokens_reused == reuse
-    stop = min(len(prompt), reuse + 4)
+    # The first chunk runs to the next multiple of the batch size: the same cut either way.
+    stop = min(len(prompt), reuse + 4 - reuse % 4)
     assert rig.lib.decodes[first_new_decode] == prefill_rows(0, prompt, reuse, stop)
+
+
+def test_a_prefix_cached_in_another_slot_is_copied_even_while_that_slot_is_running() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=8)
+    system = span(10, 6)
+    rig.submit("a", (*system, 50), 10)  # slot 0, still running below
+    rig.step()
+    first_new_decode = len(rig.lib.decodes)
+
+    prompt = (*system, 60, 61)
+    rig.submit("b", prompt, 1)
+    rig.step()
+
+    # b gets slot 1, empty; slot 0 holds the 6-token system prompt (and more): copied over.
+    assert rig.lib.seq_rm[-1] == (1, -1, -1)
+    assert rig.lib.seq_cp == [(0, 1, 0, 6)]
+    assert rig.scheduler.prefix_tokens_reused == 6
+    assert rig.cached(1) == list(prompt)
+    assert (1, 6, 60) in rig.lib.decodes[first_new_decode]
+    assert all(row[0] != 1 or row[1] >= 6 for row in rig.lib.decodes[first_new_decode])
+    assert rig.chunks("b") == [TokenChunk((FILLER,), PIECES[FILLER], "length")]
+    assert rig.counts() == (1, 0)  # a runs on
+
+
+def test_what_a_step_emits_is_flushed_once_at_its_end() -> None:
+    rig = Rig(n_slots=3, kv_tokens=100, batch_size=8)
+    flushes: list[int] = []
+    rig.scheduler._flush = lambda: flushes.append(sum(map(len, rig.outputs.values())))
+    for rid, start in [("a", 10), ("b", 20), ("c", 30)]:
+        rig.submit(rid, span(start, 2), 2)
+
+    rig.step(2)
+
+    assert flushes == [3, 6]  # one token per sequence per step, handed over together
 
 
 # --- one decode call: decoding tokens first, then prompt chunks ---------------------------------

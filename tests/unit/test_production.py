@@ -323,3 +323,24 @@ def test_health_is_loading_before_the_model_is_up():
         assert httpx.get(f"{base_url}/health/ready").status_code == 503
         assert httpx.get(f"{base_url}/health/live").status_code == 200
         release.set()
+
+
+def test_uvicorn_does_not_trace_every_message_below_debug_level(tmp_path):
+    """At its TRACE level uvicorn wraps the app in a middleware that logs every ASGI message:
+    work on every SSE chunk of every stream, then thrown away by our own level."""
+    import logging
+
+    import uvicorn
+    from uvicorn.middleware.message_logger import MessageLoggerMiddleware
+
+    from vllm_obtain.logs import configure_logging
+
+    try:
+        configure_logging(level="INFO", json_lines=False, logs_dir=None)
+        config = uvicorn.Config(lambda scope, receive, send: None, log_config=None)
+        config.load()
+        assert not isinstance(config.loaded_app, MessageLoggerMiddleware)
+        assert logging.getLogger("uvicorn.error").getEffectiveLevel() == logging.INFO
+    finally:
+        logger.remove()
+        logger.add(lambda _: None)

@@ -1,9 +1,11 @@
 """The engine contract: the floor of the package, importing nothing else of it.
 
-Plain data crossing the engine boundary (data), the Engine and Embedder protocols and their
-states (engine), and the errors engines raise (errors). Everything above speaks these types.
+Plain data crossing the engine boundary (data), reading token chunks as they pile up (chunks),
+the Engine and Embedder protocols and their states (engine), and the errors engines raise
+(errors). Everything above speaks these types.
 """
 
+from vllm_obtain.contract.chunks import ChunkQueue, merge_chunks
 from vllm_obtain.contract.data import (
     EmbeddingModelInfo,
     EngineConfig,
@@ -33,6 +35,7 @@ from vllm_obtain.contract.errors import (
 __all__ = [
     "CONSTRAINED_OUTPUT",
     "STANDARD_SAMPLING",
+    "ChunkQueue",
     "Embedder",
     "EmbeddingModelInfo",
     "Engine",
@@ -50,4 +53,5 @@ __all__ = [
     "TokenChunk",
     "TokenLogprob",
     "WeightFormat",
+    "merge_chunks",
 ]

@@ -21,11 +21,11 @@ from typing import Any, BinaryIO
 
 from loguru import logger
 
-from vllm_obtain.contract import Embedder, Engine, EngineError
+from vllm_obtain.contract import Embedder, Engine, EngineError, TokenChunk
 from vllm_obtain.logs import InterceptHandler
 from vllm_obtain.runtime.wire import (
     Cancel,
-    Chunk,
+    Chunks,
     Embed,
     ErrorReport,
     Failed,
@@ -61,15 +61,33 @@ def build_from_registry(start: Start) -> Engine | Embedder:
 
 class EngineHost:
     """Serves one engine: loads it, then answers messages until told to stop or the server goes
-    away. Every request runs as a task of its own, forgotten as soon as it is done."""
+    away. Every request runs as a task of its own, forgotten as soon as it is done.
+
+    The chunks the requests yield in one turn of the event loop (an engine hands a whole
+    decoding step over at once) leave as one Chunks message at the end of that turn."""
 
     def __init__(self, engine: Engine | Embedder, send: Send) -> None:
         """`engine`, built but not loaded; `send` puts a message on the wire."""
         self.engine = engine
         self._generator = engine if isinstance(engine, Engine) else None
         self._embedder = engine if isinstance(engine, Embedder) else None
-        self._send = send
+        self._wire = send
+        self._chunks: list[tuple[int, TokenChunk]] = []
         self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    def _send(self, message: FromEngine) -> None:
+        self._flush_chunks()  # what a request yielded goes before what is said about it after
+        self._wire(message)
+
+    def _send_chunk(self, sid: int, chunk: TokenChunk) -> None:
+        if not self._chunks:
+            asyncio.get_running_loop().call_soon(self._flush_chunks)
+        self._chunks.append((sid, chunk))
+
+    def _flush_chunks(self) -> None:
+        if self._chunks:
+            chunks, self._chunks = tuple(self._chunks), []
+            self._wire(Chunks(chunks))
 
     async def run(self, inbox: asyncio.Queue[ToEngine | None]) -> None:
         try:
@@ -120,7 +138,7 @@ class EngineHost:
                 raise EngineError(f"the {self.engine.name} engine serves embeddings only")
             async with contextlib.aclosing(self._generator.generate(message.request)) as chunks:
                 async for chunk in chunks:
-                    self._send(Chunk(message.sid, chunk))
+                    self._send_chunk(message.sid, chunk)
         except Exception as exc:
             self._send(Failed(message.sid, ErrorReport.of(exc)))
         finally:

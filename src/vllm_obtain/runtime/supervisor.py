@@ -28,6 +28,7 @@ from loguru import logger
 
 from vllm_obtain.contract import (
     STANDARD_SAMPLING,
+    ChunkQueue,
     EmbeddingModelInfo,
     EngineError,
     EngineState,
@@ -38,7 +39,7 @@ from vllm_obtain.contract import (
 )
 from vllm_obtain.runtime.wire import (
     Cancel,
-    Chunk,
+    Chunks,
     Embed,
     Failed,
     FromEngine,
@@ -138,7 +139,7 @@ class EngineProcess:
         self._watchdog: asyncio.Task[None] | None = None
         self._stopping = False
         self._ids = itertools.count()
-        self._streams: dict[int, asyncio.Queue[TokenChunk | BaseException]] = {}
+        self._streams: dict[int, ChunkQueue] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
         # Calls judged by the no-progress rule: a tokenize is quick, while a big embedding
         # batch is legitimate work that reports nothing until it is done.
@@ -287,10 +288,11 @@ class EngineProcess:
 
     def _dispatch(self, message: FromEngine) -> None:
         self._last_heard = time.monotonic()
-        if isinstance(message, Chunk):
+        if isinstance(message, Chunks):
             self._last_progress = self._last_heard
-            if (stream := self._streams.get(message.sid)) is not None:
-                stream.put_nowait(message.chunk)
+            for sid, chunk in message.items:
+                if (stream := self._streams.get(sid)) is not None:
+                    stream.put(chunk)
         elif isinstance(message, Stats):
             self._stats = message.values
         elif isinstance(message, Log):
@@ -306,7 +308,7 @@ class EngineProcess:
         elif isinstance(message, Failed):
             error = message.error.exception()
             if (stream := self._streams.get(message.sid)) is not None:
-                stream.put_nowait(error)
+                stream.put(error)
             elif (call := self._calls.get(message.sid)) is not None and not call.done():
                 call.set_exception(error)
         elif not isinstance(message, Ready | LoadFailed):
@@ -314,7 +316,7 @@ class EngineProcess:
 
     def _fail_in_flight(self, error: EngineError) -> None:
         for stream in self._streams.values():
-            stream.put_nowait(error)
+            stream.put(error)
         for call in self._calls.values():
             if not call.done():
                 call.set_exception(error)
@@ -346,7 +348,7 @@ class EngineProcess:
     async def _stream(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         self._check_ready()
         sid = next(self._ids)
-        chunks: asyncio.Queue[TokenChunk | BaseException] = asyncio.Queue()
+        chunks = ChunkQueue()  # a reader behind the engine takes what waits as one chunk
         self._note_busy()
         self._streams[sid] = chunks
         finished = False

@@ -118,9 +118,11 @@ class LoadFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class Chunk:
-    sid: int
-    chunk: TokenChunk
+class Chunks:
+    """What the requests in flight produced since the last message: one per decoding step, not
+    one per token per request."""
+
+    items: tuple[tuple[int, TokenChunk], ...]  # (sid, chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +159,7 @@ class Log:
 
 
 ToEngine = Start | Generate | Cancel | Tokenize | Embed | Shutdown
-FromEngine = Ready | LoadFailed | Chunk | Failed | Tokens | Vectors | Stats | Log
+FromEngine = Ready | LoadFailed | Chunks | Failed | Tokens | Vectors | Stats | Log
 
 
 def encode_frame(message: ToEngine | FromEngine) -> bytes:

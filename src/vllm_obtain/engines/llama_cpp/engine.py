@@ -27,9 +27,15 @@ from vllm_obtain.contract import (
     ModelInfo,
     TokenChunk,
 )
-from vllm_obtain.engines.engine_thread import Job, stream_job
+from vllm_obtain.engines.engine_thread import Courier, Job, stream_job
 from vllm_obtain.engines.llama_cpp.sampling import SequenceSampler
 from vllm_obtain.engines.llama_cpp.scheduler import BatchScheduler
+from vllm_obtain.engines.llama_cpp.step_sampling import (
+    PlainSampler,
+    Sampler,
+    is_plain,
+    step_sampler,
+)
 
 DEFAULT_MAX_CONTEXT = 8192
 DEFAULT_MAX_KV_TOKENS = 32768
@@ -80,10 +86,12 @@ class LlamaCppEngine:
         self._ctx: Any = None
         self._scheduler: BatchScheduler | None = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._courier: Courier | None = None
         self._thread: threading.Thread | None = None
 
     async def load(self) -> ModelInfo:
         self._lib, internals = _import_llama_cpp()
+        self._courier = Courier(asyncio.get_running_loop())
         info = await asyncio.to_thread(self._open, internals)
         self._thread = threading.Thread(target=self._serve, name="llama.cpp-engine", daemon=True)
         self._thread.start()
@@ -116,15 +124,24 @@ class LlamaCppEngine:
         # Computed once per model so the per-token work is a list lookup.
         pieces = [self._token_piece(vocab, t) for t in range(n_vocab)]
         is_eog = [bool(lib.llama_vocab_is_eog(vocab, t)) for t in range(n_vocab)]
+
+        def make_sampler(request: GenerationRequest) -> Sampler:
+            if is_plain(request):
+                return PlainSampler.for_request(request)
+            return SequenceSampler(lib, internals, vocab, request, pieces)
+
+        assert self._courier is not None
         self._scheduler = BatchScheduler(
             lib,
             self._ctx,
-            make_sampler=lambda request: SequenceSampler(lib, internals, vocab, request, pieces),
+            make_sampler=make_sampler,
             pieces=pieces,
             is_eog=is_eog,
             n_slots=self._parallel,
             kv_tokens=self._ctx.n_ctx(),
             batch_size=self._batch_size,
+            sample_step=step_sampler(lib, n_vocab),
+            flush=self._courier.flush,
         )
         logger.info(
             "llama.cpp loaded {} (context {}, KV cache {} tokens, {} parallel, {} threads)",
@@ -182,9 +199,9 @@ class LlamaCppEngine:
         }
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
-        if self._thread is None:
+        if self._thread is None or self._courier is None:
             raise EngineError("the llama.cpp engine is not running")
-        return stream_job(self._jobs, request, self.name)
+        return stream_job(self._jobs, self._courier, request, self.name)
 
     def _serve(self) -> None:
         assert self._scheduler is not None

@@ -2,17 +2,19 @@
 
 Every step packs one `llama_decode` call with the next token of each running sequence, then fills
 the rest of the batch with prompt chunks of sequences still prefilling, so a long prompt never
-stalls the others' decoding. A request joins at the next step and leaves when done. Each sequence
-has its own sampler chain (penalties, top-p, temperature, seeded dist), so batching never mixes
-sampling state.
+stalls the others' decoding. A request joins at the next step and leaves when done. All the rows
+of a step are sampled together (step_sampling), and what the step produced for every sequence
+leaves in one hand-over (`flush`), so the per-token work stays off the per-sequence path.
 
 The KV cache is one pool shared by all sequences. A request is admitted only when its prompt plus
 max_tokens fits in what is free, so a running sequence never runs out of room; otherwise it waits.
-A finished sequence's KV stays in its slot: the next request sharing a prefix with it (a system
-prompt, an earlier turn of a chat) reuses those positions instead of recomputing them. Reuse stops
-at a whole prefill chunk: llama.cpp's logits are not bit-identical across batch shapes, so the
-rest of the prompt is evaluated in exactly the chunks a fresh request would use, and a seeded
-request gives the same text whether or not its prefix was cached.
+A finished sequence's KV stays in its slot, and a new request reuses every cached token of the
+longest prefix it shares with any slot (a system prompt, the earlier turns of a chat): from its
+own slot, or copied from another one, running or not (in a unified KV cache a copy only tags the
+cells with a second sequence). A seeded request reuses whole prefill chunks only: llama.cpp's
+logits are not bit-identical across batch shapes, so the rest of its prompt is evaluated in
+exactly the chunks a fresh request would use, and it gives the same text whether or not its
+prefix was cached.
 """
 
 from __future__ import annotations
@@ -22,22 +24,13 @@ import queue
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.contract import GenerationRequest, TokenChunk, TokenLogprob
+from vllm_obtain.contract import GenerationRequest, TokenChunk
 from vllm_obtain.engines.engine_thread import Job
-
-
-class Sampler(Protocol):
-    """Picks one sequence's tokens (sampling.SequenceSampler)."""
-
-    last_logprob: TokenLogprob | None  # of the last sampled token, when the request asked
-
-    def sample(self, ctx: Any, index: int) -> int: ...
-
-    def close(self) -> None: ...
+from vllm_obtain.engines.llama_cpp.step_sampling import Pick, Sampler, StepSampler, sample_each
 
 
 def shared_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
@@ -72,7 +65,8 @@ class BatchScheduler:
     """Runs on the engine thread; owns the context, the batch and the slots.
 
     `lib` is llama_cpp's C API (batches, KV memory, decode); `make_sampler` gives a request its
-    sampler, or raises (EngineRequestError: refused) to fail that request alone.
+    sampler, or raises (EngineRequestError: refused) to fail that request alone; `sample_step`
+    samples all of a step's rows; `flush` hands over what the step emitted.
     """
 
     def __init__(
@@ -86,8 +80,11 @@ class BatchScheduler:
         n_slots: int,
         kv_tokens: int,
         batch_size: int,
+        sample_step: StepSampler = sample_each,
+        flush: Callable[[], None] = lambda: None,
     ) -> None:
         self._lib, self._ctx, self._make_sampler = lib, ctx, make_sampler
+        self._sample_step, self._flush = sample_step, flush
         self._pieces, self._is_eog = pieces, is_eog
         self._kv_tokens, self._batch_size = kv_tokens, batch_size
         self._batch = lib.llama_batch_init(batch_size, 0, 1)
@@ -135,6 +132,8 @@ class BatchScheduler:
         except Exception as exc:  # a bug or a native error: fail these requests, keep serving
             logger.exception("llama.cpp step failed")
             self._fail_all(exc)
+        finally:
+            self._flush()
 
     # --- admission ------------------------------------------------------------------------
 
@@ -185,11 +184,17 @@ class BatchScheduler:
 
     def _start(self, slot: Slot, job: Job, sampler: Sampler) -> None:
         prompt = list(job.request.prompt_tokens)
-        # Whole chunks only (see the module docstring), and at least one prompt token must be
-        # evaluated to get the logits for the first sample.
-        reuse = min(shared_prefix(slot.cached, prompt), len(prompt) - 1)
-        reuse -= reuse % self._batch_size
-        self._lib.llama_memory_seq_rm(self._ctx.memory, slot.seq_id, reuse, -1)
+        source, shared = self._longest_cached_prefix(prompt, own=slot)
+        # At least one prompt token must be evaluated to get the logits for the first sample.
+        reuse = min(shared, len(prompt) - 1)
+        if job.request.sampling.seed is not None:
+            reuse -= reuse % self._batch_size  # whole chunks only (see the module docstring)
+        memory = self._lib.llama_memory_seq_rm
+        if source is slot or reuse == 0:
+            memory(self._ctx.memory, slot.seq_id, reuse, -1)
+        else:
+            memory(self._ctx.memory, slot.seq_id, -1, -1)
+            self._lib.llama_memory_seq_cp(self._ctx.memory, source.seq_id, slot.seq_id, 0, reuse)
         slot.cached = prompt[:reuse]
         slot.pending = prompt[reuse:]
         slot.job, slot.next_token, slot.produced = job, None, 0
@@ -198,18 +203,32 @@ class BatchScheduler:
         slot.last_used = next(self._clock)
         if reuse:
             self.prefix_tokens_reused += reuse
-            logger.debug("request {} reuses {} cached prompt tokens", job.request.request_id, reuse)
+            logger.debug(
+                "request {} reuses {} cached prompt tokens{}",
+                job.request.request_id,
+                reuse,
+                "" if source is slot else f" (copied from slot {source.seq_id})",
+            )
+
+    def _longest_cached_prefix(self, prompt: list[int], *, own: Slot) -> tuple[Slot, int]:
+        """The slot whose evaluated tokens share the longest prefix with `prompt`, and how long;
+        the request's own slot when no other one shares more."""
+        best, best_shared = own, shared_prefix(own.cached, prompt)
+        for slot in self.slots:
+            if slot is not own and (n := shared_prefix(slot.cached, prompt)) > best_shared:
+                best, best_shared = slot, n
+        return best, best_shared
 
     # --- one decoding step ----------------------------------------------------------------
 
     def _decode(self) -> None:
         batch = self._batch
         batch.n_tokens = 0
-        sample_at: list[tuple[Slot, int]] = []
+        picks: list[tuple[Slot, int]] = []  # (slot, batch index of the row to sample)
         added: list[tuple[Slot, list[int]]] = []  # (slot, tokens it put in this batch)
         for slot in self.slots:
             if slot.busy and slot.next_token is not None:
-                sample_at.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
+                picks.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
                 added.append((slot, [slot.next_token]))
         budget = self._batch_size - batch.n_tokens
         for slot in self.slots:
@@ -222,7 +241,7 @@ class BatchScheduler:
                 chunk, slot.pending = slot.pending[:room], slot.pending[room:]
                 index = self._add(slot, chunk, logits_last=not slot.pending)
                 if not slot.pending:
-                    sample_at.append((slot, index))
+                    picks.append((slot, index))
                 added.append((slot, chunk))
                 budget -= len(chunk)
         code = self._lib.llama_decode(self._ctx.ctx, batch)
@@ -231,9 +250,14 @@ class BatchScheduler:
         for slot, tokens in added:
             slot.cached.extend(tokens)
             slot.next_token = None
-        for slot, index in sample_at:
-            assert slot.sampler is not None  # every busy slot has one
-            token = slot.sampler.sample(self._ctx.ctx, index)
+        # llama.cpp's logits rows follow the batch order of the entries that asked for logits.
+        picks.sort(key=lambda pick: pick[1])
+        rows = [
+            Pick(slot.sampler, index, row)  # type: ignore[arg-type]  # busy slots have one
+            for row, (slot, index) in enumerate(picks)
+        ]
+        tokens = self._sample_step(self._ctx.ctx, rows)
+        for (slot, _), token in zip(picks, tokens, strict=True):
             self._accept(slot, token)
 
     def _add(self, slot: Slot, tokens: list[int], *, logits_last: bool) -> int:

@@ -31,7 +31,7 @@ from vllm_obtain.contract import (
     TokenChunk,
     TokenLogprob,
 )
-from vllm_obtain.engines.engine_thread import Job, stream_job
+from vllm_obtain.engines.engine_thread import Courier, Job, stream_job
 from vllm_obtain.engines.mlx.json_grammar import JsonGrammars
 
 # OpenAI's penalties count what was generated so far; mlx-lm looks back a fixed window.
@@ -81,6 +81,7 @@ class MlxEngine:
         self._tokenizer: Any = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._courier: Courier | None = None
         self._active = 0
         self._grammars: JsonGrammars | None = None  # made on the first JSON request
         self._pieces: list[bytes] | None = None
@@ -94,6 +95,7 @@ class MlxEngine:
             ) from exc
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
+        self._courier = Courier(loop)
 
         def run() -> None:
             try:
@@ -135,9 +137,9 @@ class MlxEngine:
         return {"running": self._active, "waiting": self._jobs.qsize()}
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
-        if self._thread is None:
+        if self._thread is None or self._courier is None:
             raise EngineError("the MLX engine is not running")
-        return stream_job(self._jobs, request, self.name)
+        return stream_job(self._jobs, self._courier, request, self.name)
 
     # --- engine thread -------------------------------------------------------------------
 
@@ -150,7 +152,10 @@ class MlxEngine:
         )
         no_stop = StopSequences(None)
         running: dict[int, _Sequence] = {}
+        courier = self._courier
+        assert courier is not None
         while True:
+            courier.flush()  # what the last step emitted, all at once
             try:
                 admitted = self._admit(block=not running)
             except _Shutdown:
@@ -181,6 +186,7 @@ class MlxEngine:
                 continue
             for response in responses:
                 self._emit(running, response, eos)
+        courier.flush()
         generator.close()
 
     def _admit(self, *, block: bool) -> list[Job]:
