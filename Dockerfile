@@ -13,6 +13,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md install.sh run.py .env.linux ./
 COPY src ./src
+COPY scripts ./scripts
 # install.sh tunes llama.cpp to the CPU it builds on; an image runs on other CPUs, so it gets a
 # portable x86-64 build instead: AVX2/FMA (any x86 server since 2013), no AVX-512, no AMX.
 # Override with --build-arg CMAKE_ARGS=... (e.g. add -DGGML_AVX512=ON for your fleet).

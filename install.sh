@@ -7,17 +7,23 @@
 #   ./install.sh --engines LIST      llama.cpp,vllm,mlx or all (default: by platform:
 #                                    Apple Silicon llama.cpp,mlx; Linux with an NVIDIA/AMD GPU
 #                                    llama.cpp,vllm; everywhere else llama.cpp)
+#   ./install.sh --cpu-only          build llama.cpp for the CPU even where it would use the GPU
+#                                    (by default: CUDA with an NVIDIA GPU and its toolkit, ROCm
+#                                    with an AMD GPU, Metal on Apple Silicon)
+#   CMAKE_ARGS='...' ./install.sh    build llama.cpp with these CMake flags instead
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEV=0
+CPU_ONLY=""
 ENGINES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) DEV=1 ;;
+    --cpu-only) CPU_ONLY=1 ;;
     --engines) shift; ENGINES=${1:-} ;;
     --engines=*) ENGINES=${1#--engines=} ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -52,41 +58,40 @@ VENV_PY="$PWD/.venv/bin/python"
 "$VENV_PY" -m pip install --quiet --upgrade pip || fail "could not upgrade pip: check that PyPI is reachable."
 
 # --- llama.cpp ----------------------------------------------------------------------------------
-# llama-cpp-python builds llama.cpp from source. Its default native build (GGML_NATIVE) turns on
-# every instruction set the CPU reports, AMX included, and llama.cpp's AMX kernels crash on
-# virtualised Intel Xeons at the first token (ggml_backend_amx_mul_mat; Ollama dies the same way
-# on such VMs). So on x86-64 we build non-native, enable the AVX/AVX2/AVX-512 flags this CPU
-# really has, and keep AMX off. Multimodal support (LLAVA_BUILD) is not used and is skipped.
-llama_cmake_args() {
-  local args="-DLLAVA_BUILD=OFF"
-  if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
-    local flags; flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-    has() { [[ "$flags" == *" $1 "* ]] && echo ON || echo OFF; }
-    args+=" -DGGML_NATIVE=OFF -DGGML_AVX=$(has avx) -DGGML_AVX2=$(has avx2) -DGGML_FMA=$(has fma)"
-    args+=" -DGGML_F16C=$(has f16c) -DGGML_BMI2=$(has bmi2) -DGGML_AVX_VNNI=$(has avx_vnni)"
-    args+=" -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VBMI=$(has avx512vbmi)"
-    args+=" -DGGML_AVX512_VNNI=$(has avx512_vnni) -DGGML_AVX512_BF16=$(has avx512_bf16)"
-    args+=" -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
-  fi
-  echo "$args"
-}
-
+# llama-cpp-python builds llama.cpp from source, with the flags scripts/llama-cmake-args.sh
+# prints for this machine: CUDA, ROCm or Metal where there is such a GPU, and on x86-64 the CPU's
+# own AVX flags with AMX off (the script says why). Its stderr line names the backend and why.
 LLAMA_SPEC=$(grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
-LLAMA_ARGS=${CMAKE_ARGS:-$(llama_cmake_args)}
 BUILD_STAMP=".venv/.llama-cpp-build"
 if ! wants llama.cpp; then
   step "llama.cpp: not asked for"
-elif [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$LLAMA_SPEC $LLAMA_ARGS" ] && "$VENV_PY" -c 'import llama_cpp' 2>/dev/null; then
-  step "llama.cpp: $LLAMA_SPEC already built with these flags"
 else
-  step "llama.cpp: building $LLAMA_SPEC from source (a few minutes)"
-  echo "CMAKE_ARGS=$LLAMA_ARGS"
-  # --no-cache-dir: pip caches built wheels without regard to CMAKE_ARGS, and a cached native
-  # (AMX) build would come back.
-  CMAKE_ARGS="$LLAMA_ARGS" FORCE_CMAKE=1 "$VENV_PY" -m pip install --quiet --no-cache-dir \
-      --force-reinstall --no-deps "$LLAMA_SPEC" \
-    || fail "building llama-cpp-python failed: it needs a C/C++ compiler and CMake (Debian/Ubuntu: apt-get install build-essential cmake; macOS: xcode-select --install)."
-  echo "$LLAMA_SPEC $LLAMA_ARGS" > "$BUILD_STAMP"
+  if [ -n "${CMAKE_ARGS:-}" ]; then
+    LLAMA_ARGS=$CMAKE_ARGS
+    backend="llama.cpp backend: as CMAKE_ARGS says"
+  else
+    backend_note=$(mktemp)
+    LLAMA_ARGS=$(scripts/llama-cmake-args.sh ${CPU_ONLY:+--cpu-only} 2>"$backend_note") \
+      || fail "scripts/llama-cmake-args.sh failed: $(cat "$backend_note")"
+    backend=$(head -n1 "$backend_note")
+    rm -f "$backend_note"
+  fi
+  # The stamp holds the flags, so a change of backend (a CUDA toolkit installed since, or
+  # --cpu-only) rebuilds.
+  if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" = "$LLAMA_SPEC $LLAMA_ARGS" ] && "$VENV_PY" -c 'import llama_cpp' 2>/dev/null; then
+    step "llama.cpp: $LLAMA_SPEC already built with these flags"
+    echo "$backend"
+  else
+    step "llama.cpp: building $LLAMA_SPEC from source (a few minutes; a GPU build takes longer)"
+    echo "$backend"
+    echo "CMAKE_ARGS=$LLAMA_ARGS"
+    # --no-cache-dir: pip caches built wheels without regard to CMAKE_ARGS, and a cached native
+    # (AMX) build would come back.
+    CMAKE_ARGS="$LLAMA_ARGS" FORCE_CMAKE=1 "$VENV_PY" -m pip install --quiet --no-cache-dir \
+        --force-reinstall --no-deps "$LLAMA_SPEC" \
+      || fail "building llama-cpp-python failed: it needs a C/C++ compiler and CMake (Debian/Ubuntu: apt-get install build-essential cmake; macOS: xcode-select --install), and for a GPU build a CUDA/ROCm toolkit that supports the GPU. ./install.sh --cpu-only builds for the CPU."
+    echo "$LLAMA_SPEC $LLAMA_ARGS" > "$BUILD_STAMP"
+  fi
 fi
 
 # --- vllm-obtain, the other engines, the default model ------------------------------------------
@@ -122,7 +127,7 @@ mkdir -p models logs cache
 if wants llama.cpp; then
   step "check: load the model and generate"
   .venv/bin/vllm-obtain selftest --engine llama.cpp --max-tokens 8 \
-    || fail "llama.cpp could not generate on this machine. Rebuild it with other flags: CMAKE_ARGS='...' ./install.sh"
+    || fail "llama.cpp could not generate on this machine. Rebuild it for the CPU (./install.sh --cpu-only) or with other flags (CMAKE_ARGS='...' ./install.sh)."
 fi
 
 printf '\nReady. Serve the default model on http://127.0.0.1:8001/v1 with:\n  .venv/bin/vllm-obtain serve\n'

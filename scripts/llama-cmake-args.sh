@@ -10,7 +10,12 @@
 set -euo pipefail
 
 CPU_ONLY=0
-[ "${1:-}" = --cpu-only ] && CPU_ONLY=1
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-only) CPU_ONLY=1 ;;
+    *) echo "llama-cmake-args.sh: unknown option $arg (--cpu-only is the only one)" >&2; exit 2 ;;
+  esac
+done
 
 # llama.cpp's default native build (GGML_NATIVE) turns on every instruction set the CPU reports,
 # AMX included, and llama.cpp's AMX kernels crash on virtualised Intel Xeons at the first token
@@ -51,10 +56,17 @@ cuda_architectures() {
 # takes far longer and gains nothing there.
 nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
+# ROCm's tools live in /opt/rocm/bin, which its packages do not put on PATH.
+rocm_tool() {
+  command -v "$1" 2>/dev/null && return 0
+  [ -x "${ROCM_PATH:-/opt/rocm}/bin/$1" ] && echo "${ROCM_PATH:-/opt/rocm}/bin/$1"
+}
+
+# The gfx targets of the AMD GPUs present, as CMake wants them: "gfx90a;gfx1100".
 rocm_targets() {
-  command -v rocminfo >/dev/null 2>&1 || return 1
-  local targets
-  targets=$(rocminfo 2>/dev/null | grep -o 'gfx[0-9a-f]*' | sort -u | paste -sd ';')
+  local rocminfo targets
+  rocminfo=$(rocm_tool rocminfo) || return 1
+  targets=$("$rocminfo" 2>/dev/null | grep -o 'gfx[0-9a-f]*' | sort -u | paste -sd ';')
   [ -n "$targets" ] && echo "$targets"
 }
 
@@ -69,15 +81,20 @@ elif nvidia_gpu && nvcc=$(nvcc_path); then
   echo "llama.cpp backend: CUDA ($nvcc, GPU architectures ${archs:-the CMake defaults})" >&2
   args+=" -DGGML_CUDA=on -DCMAKE_CUDA_COMPILER=$nvcc"
   [ -n "$archs" ] && args+=" -DCMAKE_CUDA_ARCHITECTURES=$archs"
-elif [ -e /dev/kfd ] && command -v hipconfig >/dev/null 2>&1; then
+elif [ -e /dev/kfd ] && hipconfig=$(rocm_tool hipconfig); then
   targets=$(rocm_targets || true)
-  echo "llama.cpp backend: ROCm/HIP (targets ${targets:-the CMake defaults})" >&2
+  echo "llama.cpp backend: ROCm/HIP ($hipconfig, GPU targets ${targets:-the CMake defaults})" >&2
   args+=" -DGGML_HIP=on"
-  [ -n "$targets" ] && args+=" -DAMDGPU_TARGETS=$targets"
+  # llama.cpp's build docs compile HIP with ROCm's own clang (HIPCXX="$(hipconfig -l)/clang").
+  hip_clang="$("$hipconfig" -l 2>/dev/null || true)/clang"
+  [ -x "$hip_clang" ] && args+=" -DCMAKE_HIP_COMPILER=$hip_clang"
+  [ -n "$targets" ] && args+=" -DGPU_TARGETS=$targets"
 elif nvidia_gpu; then
   echo "llama.cpp backend: CPU (an NVIDIA GPU is present but no CUDA toolkit (nvcc) was found: install it, e.g. apt-get install nvidia-cuda-toolkit, and run ./install.sh again to use the GPU)" >&2
 elif [ -e /dev/kfd ]; then
   echo "llama.cpp backend: CPU (an AMD GPU is present but ROCm's hipconfig was not found: install ROCm and run ./install.sh again to use the GPU)" >&2
+elif nvcc_path >/dev/null; then
+  echo "llama.cpp backend: CPU (no GPU found: a CUDA toolkit is here, but nvidia-smi lists no GPU)" >&2
 else
   echo "llama.cpp backend: CPU (no GPU found)" >&2
 fi

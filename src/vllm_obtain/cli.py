@@ -168,11 +168,11 @@ def doctor(args: argparse.Namespace) -> int:
     """What this machine has, and which engine would serve which model, and why."""
     from vllm_obtain.contract import EngineNotInstalledError
     from vllm_obtain.engines.registry import ENGINE_NAMES
-    from vllm_obtain.hardware import choose_engine, detect_platform
+    from vllm_obtain.hardware import choose_engine, detect_platform, llama_cpp_gpu_warning
     from vllm_obtain.weights.catalog import aliases, model_format
 
     settings = settings_from(args)
-    info = detect_platform()
+    info = detect_platform(probe_llama_build=True)
     memory = f"{info.memory_gib:.1f} GiB" if info.memory_gib else "unknown"
     print(f"system      {info.system} {info.machine}, {info.cpu_count} CPUs, {memory} memory")
     print(f"cpu         {' '.join(info.cpu_features) or '-'}")
@@ -181,6 +181,14 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"gpus        {gpus or 'none (no nvidia-smi / ROCm device)'}")
     for engine in ENGINE_NAMES:
         print(f"engine      {engine:10} {'installed' if engine in info.installed_engines else '-'}")
+    offload: dict[bool | None, str] = {
+        True: "yes (its build has a GPU backend)",
+        False: "no (a CPU-only build)",
+        None: "not installed",
+    }
+    print(f"gpu offload {'llama.cpp':10} {offload[info.llama_gpu_offload]}")
+    if warning := llama_cpp_gpu_warning(info):
+        print(warning)
     names = [settings.model] if settings.model else list(aliases())
     print()
     for name in names:

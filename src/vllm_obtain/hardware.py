@@ -10,11 +10,11 @@ import os
 import platform
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vllm_obtain.contract import EngineNotInstalledError
-from vllm_obtain.engines.registry import ENGINES, installed_engines
+from vllm_obtain.engines.registry import ENGINES, installed_engines, llama_cpp_gpu_offload
 from vllm_obtain.weights.catalog import ModelFormat
 
 CPU_FEATURES = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
@@ -36,6 +36,8 @@ class PlatformInfo:
     memory_gib: float | None = None
     gpus: tuple[GPU, ...] = ()
     installed_engines: tuple[str, ...] = field(default=())
+    # Whether the installed llama.cpp build can offload to a GPU; None: llama.cpp is not installed.
+    llama_gpu_offload: bool | None = None
 
     @property
     def apple_silicon(self) -> bool:
@@ -44,6 +46,13 @@ class PlatformInfo:
     @property
     def has_cuda_or_rocm(self) -> bool:
         return bool(self.gpus)
+
+    @property
+    def gpu_name(self) -> str | None:
+        """The GPU llama.cpp would offload to, in words; None without one."""
+        if self.gpus:
+            return f"the {self.gpus[0].vendor.upper()} GPU"
+        return "the Apple GPU (Metal)" if self.apple_silicon else None
 
 
 def choose_engine(
@@ -76,7 +85,7 @@ def choose_engine(
             f"a Hugging Face-format model needs vLLM or MLX: {ENGINES['vllm'].install_hint}"
         )
     if "llama.cpp" in installed:
-        return "llama.cpp", "no Apple Silicon or CUDA/ROCm GPU: llama.cpp is fastest on CPU"
+        return "llama.cpp", _why_llama_cpp(info)
     if installed:
         return installed[0], "the only engine installed"
     raise EngineNotInstalledError(
@@ -84,9 +93,54 @@ def choose_engine(
     )
 
 
-def detect_platform() -> PlatformInfo:
-    """Facts about this machine, gathered without importing any engine."""
-    return PlatformInfo(
+def _why_llama_cpp(info: PlatformInfo) -> str:
+    """Why llama.cpp serves a model that is not a GGUF file here, and whether on the GPU."""
+    gpu = info.gpu_name
+    if gpu is None:
+        return "no Apple Silicon or CUDA/ROCm GPU: llama.cpp is fastest on CPU"
+    if info.apple_silicon:
+        missing = "MLX is not installed (./install.sh --engines llama.cpp,mlx)"
+    elif info.system == "Linux":
+        missing = "vLLM is not installed (./install.sh --engines llama.cpp,vllm)"
+    else:
+        missing = "vLLM runs on Linux only"
+    if info.llama_gpu_offload is False:
+        return (
+            f"{missing}; llama.cpp runs on the CPU, as its build has no GPU backend "
+            f"(to use the GPU: {llama_cpp_gpu_fix(info)})"
+        )
+    return f"{missing}: llama.cpp runs on {gpu}"
+
+
+def llama_cpp_gpu_fix(info: PlatformInfo) -> str:
+    """How to rebuild llama.cpp with a backend for this machine's GPU."""
+    script = r".\install.ps1" if info.system == "Windows" else "./install.sh"
+    if info.apple_silicon:
+        return f"run {script} again without --cpu-only or CMAKE_ARGS (Metal is the default there)"
+    if info.gpus and info.gpus[0].vendor == "amd":
+        fix = f"run {script} again with ROCm (hipconfig) installed"
+    else:
+        fix = f"run {script} again with the CUDA toolkit (nvcc) installed"
+    if info.system == "Windows":
+        return fix
+    return f"{fix}; scripts/llama-cmake-args.sh says which backend it will build, and why"
+
+
+def llama_cpp_gpu_warning(info: PlatformInfo) -> str | None:
+    """A warning when this machine has a GPU that the installed llama.cpp build cannot use."""
+    if info.gpu_name is None or info.llama_gpu_offload is not False:
+        return None
+    return (
+        f"warning: {info.gpu_name} is here, but this llama.cpp build has no GPU backend and runs "
+        f"on the CPU. To use the GPU, {llama_cpp_gpu_fix(info)}."
+    )
+
+
+def detect_platform(*, probe_llama_build: bool = False) -> PlatformInfo:
+    """Facts about this machine, gathered without importing any engine into this process. The
+    llama.cpp build is probed (in a child: it may initialise CUDA) when there is a GPU it could
+    use, or when asked."""
+    info = PlatformInfo(
         system=platform.system(),
         machine=platform.machine(),
         cpu_count=os.cpu_count() or 1,
@@ -95,6 +149,9 @@ def detect_platform() -> PlatformInfo:
         gpus=_nvidia_gpus() + _amd_gpus(),
         installed_engines=installed_engines(),
     )
+    if probe_llama_build or info.gpu_name is not None:
+        info = replace(info, llama_gpu_offload=llama_cpp_gpu_offload())
+    return info
 
 
 def _cpu_features() -> tuple[str, ...]:

@@ -99,7 +99,12 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(
         0,
         ge=0,
-        description="llama.cpp: KV cache cells shared by all sequences; 0: automatic",
+        description="llama.cpp: KV cache cells, split evenly among the slots; 0: automatic",
+    )
+    kv_unified: bool = Field(
+        False,
+        description="llama.cpp: one KV pool for all slots, so one request may use the whole "
+        "context (every token then also attends over the other slots' cells: slower)",
     )
     gpu_layers: int = Field(
         -1, description="layers offloaded when llama.cpp has a GPU backend; -1: all"

@@ -107,6 +107,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         batch_size=settings.batch_size,
         parallel=settings.parallel,
         kv_cache_tokens=settings.kv_cache_tokens,
+        kv_unified=settings.kv_unified,
         gpu_layers=settings.gpu_layers,
         vllm_args=dict(settings.vllm_args),
         cpu_kv_cache_gib=settings.kv_cache_gib,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -194,7 +195,9 @@ def test_prompt_longer_than_context_raises_bad_request(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=MODEL, messages=long)
     assert error_body(err.value)["code"] == "context_length_exceeded"
-    assert "maximum context length is 8192" in error_body(err.value)["message"]
+    # 8192 (SmolLM2's own, on vLLM and MLX), or a llama.cpp slot's share of the KV cache.
+    limit = re.search(r"maximum context length is (\d+)", error_body(err.value)["message"])
+    assert limit is not None and 1024 <= int(limit.group(1)) <= 8192
 
 
 def test_many_clients_at_once_get_whole_answers_without_cross_talk(client):

@@ -116,7 +116,9 @@ class ScriptedSampler:
 class Rig:
     """A scheduler on the fakes, with one scripted sampler and one output list per request."""
 
-    def __init__(self, *, n_slots: int, kv_tokens: int, batch_size: int) -> None:
+    def __init__(
+        self, *, n_slots: int, kv_tokens: int, batch_size: int, unified: bool = True
+    ) -> None:
         self.ctx = FakeCtx()
         self.lib = FakeLib(self.ctx)
         self.scripts: dict[str, list[int]] = {}
@@ -133,6 +135,7 @@ class Rig:
             n_slots=n_slots,
             kv_tokens=kv_tokens,
             batch_size=batch_size,
+            unified=unified,
         )
 
     def _make_sampler(self, request: GenerationRequest) -> ScriptedSampler:
@@ -393,6 +396,38 @@ def test_a_prefix_cached_in_another_slot_is_copied_even_while_that_slot_is_runni
     assert all(row[0] != 1 or row[1] >= 6 for row in rig.lib.decodes[first_new_decode])
     assert rig.chunks("b") == [TokenChunk((FILLER,), PIECES[FILLER], "length")]
     assert rig.counts() == (1, 0)  # a runs on
+
+
+def test_split_slots_copy_another_slots_whole_buffer_then_trim_it_to_the_shared_prefix() -> None:
+    rig = Rig(n_slots=2, kv_tokens=20, batch_size=8, unified=False)  # 20 cells per slot
+    system = span(10, 6)
+    rig.submit("a", (*system, 50), 10)
+    rig.step()
+
+    rig.submit("b", (*system, 60, 61), 1)
+    rig.step()
+
+    # llama.cpp copies across slots' buffers only whole: copy all, then drop past the prefix.
+    assert rig.lib.seq_cp == [(0, 1, -1, -1)]
+    assert rig.lib.seq_rm[-2:] == [(1, -1, -1), (1, 6, -1)]
+    assert rig.cached(1) == [*system, 60, 61]
+    assert rig.scheduler.prefix_tokens_reused == 6
+
+
+def test_split_slots_admit_by_their_own_share_and_refuse_what_can_never_fit() -> None:
+    rig = Rig(n_slots=2, kv_tokens=10, batch_size=8, unified=False)  # 10 cells per slot
+    rig.submit("a", span(10, 4), 6)  # 10: fills slot 0 exactly
+    rig.submit("b", span(30, 4), 6)  # 10: slot 1; a unified pool of 10 could not take both
+    rig.submit("c", span(50, 4), 7)  # 11: more than any slot holds
+    rig.step()
+
+    assert rig.counts() == (2, 0)
+    (error,) = rig.outputs["c"]
+    assert isinstance(error, EngineRequestError)
+    assert error.param == "max_tokens"
+    assert "11 tokens" in str(error)
+    rig.run_until_idle()
+    assert [len(rig.chunks(rid)) for rid in ("a", "b")] == [6, 6]
 
 
 def test_what_a_step_emits_is_flushed_once_at_its_end() -> None:

@@ -103,7 +103,8 @@ class EngineConfig:
     threads: int | None = None  # CPU threads; None: all cores
     batch_size: int = 512  # llama.cpp: tokens per decoding step
     parallel: int = 16  # llama.cpp: sequences decoded together
-    kv_cache_tokens: int = 0  # llama.cpp: KV cells shared by all sequences; 0: automatic
+    kv_cache_tokens: int = 0  # llama.cpp: KV cells, split among the slots; 0: automatic
+    kv_unified: bool = False  # llama.cpp: one pool for all slots instead of one per slot
     gpu_layers: int = -1  # llama.cpp: layers offloaded to a GPU when there is one; -1: all
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments as given
     cpu_kv_cache_gib: int | None = None  # vLLM on CPU: KV cache size

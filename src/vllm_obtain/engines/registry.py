@@ -8,6 +8,8 @@ Building imports the backend's package, so only the process that serves a model 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ def _build_llama_cpp(model_path: Path, config: EngineConfig) -> Engine:
         gpu_layers=config.gpu_layers,
         parallel=config.parallel,
         kv_cache_tokens=config.kv_cache_tokens,
+        kv_unified=config.kv_unified,
     )
 
 
@@ -96,6 +99,32 @@ def engine_spec(name: str) -> EngineSpec:
 def installed_engines() -> tuple[str, ...]:
     """The engines whose package is importable here (found without importing it)."""
     return tuple(name for name, spec in ENGINES.items() if importlib.util.find_spec(spec.package))
+
+
+# Importing llama_cpp loads its library and, in a CUDA build, initialises CUDA: the probe runs in
+# a child, so neither the server's process nor the doctor holds that (or dies of a broken build).
+_LLAMA_CPP_OFFLOAD_PROBE = (
+    "import llama_cpp; llama_cpp.llama_backend_init(); "
+    "print(int(llama_cpp.llama_supports_gpu_offload()))"
+)
+
+
+def llama_cpp_gpu_offload() -> bool | None:
+    """Whether the installed llama.cpp build can offload layers to a GPU (CUDA, ROCm, Metal,
+    Vulkan); None when llama-cpp-python is not installed. A build that cannot load is False."""
+    if importlib.util.find_spec(ENGINES["llama.cpp"].package) is None:
+        return None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _LLAMA_CPP_OFFLOAD_PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and done.stdout.strip() == "1"
 
 
 def build_engine(name: str, model_path: Path, config: EngineConfig) -> Engine:

@@ -28,6 +28,7 @@ from vllm_obtain.contract import (
     TokenChunk,
 )
 from vllm_obtain.engines.engine_thread import Courier, Job, stream_job
+from vllm_obtain.engines.llama_cpp import native_log
 from vllm_obtain.engines.llama_cpp.sampling import SequenceSampler
 from vllm_obtain.engines.llama_cpp.scheduler import BatchScheduler
 from vllm_obtain.engines.llama_cpp.step_sampling import (
@@ -45,12 +46,11 @@ def _import_llama_cpp() -> tuple[Any, Any]:
     try:
         import llama_cpp
         from llama_cpp import _internals
-        from llama_cpp._logger import set_verbose
     except ImportError as exc:
         raise EngineNotInstalledError(
             "llama.cpp engine needs llama-cpp-python: run ./install.sh (it builds it for this CPU)"
         ) from exc
-    set_verbose(False)
+    native_log.install(llama_cpp)
     llama_cpp.llama_backend_init()
     return llama_cpp, _internals
 
@@ -72,6 +72,7 @@ class LlamaCppEngine:
         gpu_layers: int = 0,
         parallel: int = 16,
         kv_cache_tokens: int = 0,
+        kv_unified: bool = False,
     ) -> None:
         self.model_path = Path(model_path)
         self._context_length = context_length
@@ -81,6 +82,7 @@ class LlamaCppEngine:
         self._parallel = parallel
         self.max_running = parallel
         self._kv_cache_tokens = kv_cache_tokens
+        self._kv_unified = kv_unified
         self._lib: Any = None
         self._model: Any = None
         self._ctx: Any = None
@@ -108,18 +110,23 @@ class LlamaCppEngine:
         # llama.cpp allocates the whole KV cache up front, so the defaults are bounded: models
         # trained for 128k tokens would otherwise claim tens of GiB. --ctx-size raises them.
         context = self._context_length or min(model.n_ctx_train(), DEFAULT_MAX_CONTEXT)
-        # One pool of KV cells shared by all sequences: by default room for every slot to use a
-        # quarter of the context at once (bounded), and never less than one full context.
+        # KV cells for all slots: by default room for every slot to use a quarter of the
+        # context at once (bounded), and never less than one full context in all.
         kv_tokens = self._kv_cache_tokens or max(
             context, min(self._parallel * context // 4, DEFAULT_MAX_KV_TOKENS)
         )
         params = lib.llama_context_default_params()
-        params.n_ctx = kv_tokens
+        # Split, each slot gets an equal share (llama.cpp wants n_ctx a multiple of them).
+        params.n_ctx = (
+            kv_tokens if self._kv_unified else kv_tokens // self._parallel * self._parallel
+        )
         params.n_batch = params.n_ubatch = self._batch_size
         params.n_seq_max = self._parallel
-        params.kv_unified = True
+        params.kv_unified = self._kv_unified
         params.n_threads = params.n_threads_batch = self._threads
         self._ctx = internals.LlamaContext(model=model, params=params, verbose=False)
+        # What one request may hold: the whole pool, or its slot's share.
+        room = self._ctx.n_ctx() if self._kv_unified else lib.llama_n_ctx_seq(self._ctx.ctx)
         vocab, n_vocab = model.vocab, model.n_vocab()
         # Computed once per model so the per-token work is a list lookup.
         pieces = [self._token_piece(vocab, t) for t in range(n_vocab)]
@@ -138,21 +145,31 @@ class LlamaCppEngine:
             pieces=pieces,
             is_eog=is_eog,
             n_slots=self._parallel,
-            kv_tokens=self._ctx.n_ctx(),
+            kv_tokens=room,
             batch_size=self._batch_size,
+            unified=self._kv_unified,
             sample_step=step_sampler(lib, n_vocab),
             flush=self._courier.flush,
         )
         logger.info(
-            "llama.cpp loaded {} (context {}, KV cache {} tokens, {} parallel, {} threads)",
+            "llama.cpp loaded {} {} (context {}, KV cache {} tokens {}, {} parallel, {} threads)",
             self.model_path.name,
-            context,
+            native_log.describe_offload(lib, self._gpu_layers),
+            min(context, room),
             self._ctx.n_ctx(),
+            "in one pool" if self._kv_unified else f"split into {room} per slot",
             self._parallel,
             self._threads,
         )
+        if room < context:
+            logger.info(
+                "a request may hold {} tokens, its slot's share of the KV cache (the model's own "
+                "context is {}): --kv-cache-tokens, fewer --parallel or --kv-unified give more",
+                room,
+                context,
+            )
         return ModelInfo(
-            context_length=min(context, self._ctx.n_ctx()),
+            context_length=min(context, room),
             vocab_size=n_vocab,
             chat_template=model.metadata().get("tokenizer.chat_template"),
             bos_token=self._special_text(model.token_bos()),

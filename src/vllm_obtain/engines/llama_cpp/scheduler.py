@@ -6,15 +6,19 @@ stalls the others' decoding. A request joins at the next step and leaves when do
 of a step are sampled together (step_sampling), and what the step produced for every sequence
 leaves in one hand-over (`flush`), so the per-token work stays off the per-sequence path.
 
-The KV cache is one pool shared by all sequences. A request is admitted only when its prompt plus
-max_tokens fits in what is free, so a running sequence never runs out of room; otherwise it waits.
+The KV cache is split evenly among the slots by default, as llama.cpp's server does with
+--parallel: a token attends only over its own slot's cells. With `unified`, it is one pool
+shared by all slots, so one request may use far more than its share; a request is then
+admitted only when its prompt plus max_tokens fits in what is free (idle slots' caches are
+evicted, least recently used first), so a running sequence never runs out of room.
+
 A finished sequence's KV stays in its slot, and a new request reuses every cached token of the
 longest prefix it shares with any slot (a system prompt, the earlier turns of a chat): from its
-own slot, or copied from another one, running or not (in a unified KV cache a copy only tags the
-cells with a second sequence). A seeded request reuses whole prefill chunks only: llama.cpp's
-logits are not bit-identical across batch shapes, so the rest of its prompt is evaluated in
-exactly the chunks a fresh request would use, and it gives the same text whether or not its
-prefix was cached.
+own slot, or copied from another one, running or not (in a unified pool a copy only tags the
+cells; split, the other slot's cells are copied). A seeded request reuses whole prefill chunks
+only: llama.cpp's logits are not bit-identical across batch shapes, so the rest of its prompt
+is evaluated in exactly the chunks a fresh request would use, and it gives the same text
+whether or not its prefix was cached.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 from loguru import logger
 
-from vllm_obtain.contract import GenerationRequest, TokenChunk
+from vllm_obtain.contract import EngineRequestError, GenerationRequest, TokenChunk
 from vllm_obtain.engines.engine_thread import Job
 from vllm_obtain.engines.llama_cpp.step_sampling import Pick, Sampler, StepSampler, sample_each
 
@@ -80,13 +84,15 @@ class BatchScheduler:
         n_slots: int,
         kv_tokens: int,
         batch_size: int,
+        unified: bool = True,
         sample_step: StepSampler = sample_each,
         flush: Callable[[], None] = lambda: None,
     ) -> None:
         self._lib, self._ctx, self._make_sampler = lib, ctx, make_sampler
         self._sample_step, self._flush = sample_step, flush
         self._pieces, self._is_eog = pieces, is_eog
-        self._kv_tokens, self._batch_size = kv_tokens, batch_size
+        # Unified: the whole pool; split: each slot's own share.
+        self._kv_tokens, self._batch_size, self._unified = kv_tokens, batch_size, unified
         self._batch = lib.llama_batch_init(batch_size, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.waiting: deque[Job] = deque()
@@ -152,13 +158,23 @@ class BatchScheduler:
         while self.waiting:
             job = self.waiting[0]
             prompt = job.request.prompt_tokens
+            need = len(prompt) + job.request.max_tokens
+            if need > self._kv_tokens:  # would wait forever; the server's limits keep this out
+                self.waiting.popleft()
+                job.emit(
+                    EngineRequestError(
+                        f"the prompt plus max_tokens ({need} tokens) exceed what the KV cache "
+                        f"holds for one request ({self._kv_tokens} tokens)",
+                        param="max_tokens",
+                    )
+                )
+                continue
             free = [s for s in self.slots if not s.busy]
             if not free:
                 return
             # The free slot whose cached tokens share the longest prefix with this prompt.
             slot = max(free, key=lambda s: (shared_prefix(s.cached, prompt), -s.last_used))
-            need = len(prompt) + job.request.max_tokens
-            if not self._make_room(need, keep=slot):
+            if self._unified and not self._make_room(need, keep=slot):
                 return
             self.waiting.popleft()
             try:
@@ -189,12 +205,16 @@ class BatchScheduler:
         reuse = min(shared, len(prompt) - 1)
         if job.request.sampling.seed is not None:
             reuse -= reuse % self._batch_size  # whole chunks only (see the module docstring)
-        memory = self._lib.llama_memory_seq_rm
-        if source is slot or reuse == 0:
-            memory(self._ctx.memory, slot.seq_id, reuse, -1)
+        memory, lib = self._ctx.memory, self._lib
+        if source is not slot and reuse > 0:
+            lib.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            if self._unified:
+                lib.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, 0, reuse)
+            else:  # another slot's cells live in its own buffer: llama.cpp copies all of it
+                lib.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
+                lib.llama_memory_seq_rm(memory, slot.seq_id, reuse, -1)
         else:
-            memory(self._ctx.memory, slot.seq_id, -1, -1)
-            self._lib.llama_memory_seq_cp(self._ctx.memory, source.seq_id, slot.seq_id, 0, reuse)
+            lib.llama_memory_seq_rm(memory, slot.seq_id, reuse, -1)
         slot.cached = prompt[:reuse]
         slot.pending = prompt[reuse:]
         slot.job, slot.next_token, slot.produced = job, None, 0
