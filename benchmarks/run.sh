@@ -103,7 +103,18 @@ if [ "${1:-}" = --vs-llama-server ]; then
   $PY benchmarks/summarize.py "$OUT"/vs_llama_server_*.json --plot "$OUT/vs_llama_server.png" \
     --title "SmolLM2-135M Q4_1, $THREADS CPU threads: vllm-obtain vs llama-server" \
     | tee "$OUT/vs_llama_server.md"
-  kill "${pids[1]}" 2>/dev/null || true
+
+  echo "== a chat history sent again with one more message: TTFT of the second request"
+  # llama-cpp-python's own server too (it needs a few packages of its own; same engine build).
+  $PY -m pip install --quiet sse-starlette starlette-context pydantic-settings
+  $PY -m llama_cpp.server --model "$GGUF" --port 8102 --n_ctx 8192 --n_threads "$THREADS" \
+    --chat_format chatml > "$OUT/llama_cpp_server.log" 2>&1 &
+  pids+=($!)
+  wait_healthy http://127.0.0.1:8102 /v1/models
+  $PY benchmarks/repeat_prompt.py --model "$MODEL" http://127.0.0.1:8101=vllm-obtain \
+    http://127.0.0.1:8106=llama-server http://127.0.0.1:8102=llama_cpp.server \
+    | tee "$OUT/repeat_prompt.jsonl"
+  kill "${pids[1]}" "${pids[2]}" 2>/dev/null || true
 
   echo "== raw lockstep decoding (llama-cpp-python low-level API, same build): 1 and 16 streams"
   $PY benchmarks/raw_lockstep.py --streams 1,16 --temperatures 0,0.8 --tokens 128 \

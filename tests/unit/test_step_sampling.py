@@ -136,3 +136,17 @@ def test_a_step_samples_plain_rows_from_the_logits_matrix_and_the_rest_on_their_
 
     assert step_sampler(lib, VOCAB)(object(), picks) == [2, 77, 6]
     assert chain.indices == [5]
+
+
+def test_drawing_all_rows_at_once_picks_what_drawing_each_row_picks() -> None:
+    from vllm_obtain.engines.llama_cpp.step_sampling import CDF_BLOCK, draw, draw_rows
+
+    rng = np.random.default_rng(3)
+    size = 3 * CDF_BLOCK + 77  # a last block shorter than the others
+    weights = rng.random((6, size)).astype(np.float32) ** 8
+    weights[2, :] = 0
+    weights[2, size - 1] = 1.0  # all the mass on the very last token
+    for u in (0.0, 0.13, 0.5, 0.87, 0.999999):
+        us = np.full(6, u)
+        assert draw_rows(weights, us).tolist() == [draw(row, u) for row in weights]
+    assert draw_rows(weights, np.full(6, 0.5))[2] == size - 1

@@ -116,8 +116,26 @@ def draw(weights: Any, u: float) -> int:
     return start + index
 
 
-def sample_plain(logits: Any, samplers: Sequence[PlainSampler]) -> list[int]:
-    """One token per row of `logits` (rows x vocabulary, float32), row i by samplers[i]."""
+def draw_rows(weights: Any, us: Any) -> Any:
+    """`draw` for every row of `weights` (rows x vocabulary) at once, row i with us[i]."""
+    rows, size = weights.shape
+    starts = np.arange(0, size, CDF_BLOCK)
+    cumulative = np.cumsum(np.add.reduceat(weights, starts, axis=1, dtype=np.float64), axis=1)
+    targets = us * cumulative[:, -1]
+    blocks = np.minimum((cumulative <= targets[:, None]).sum(axis=1), starts.size - 1)
+    before = np.where(blocks > 0, cumulative[np.arange(rows), blocks - 1], 0.0)
+    columns = starts[blocks][:, None] + np.arange(CDF_BLOCK)[None, :]
+    inside = columns < size
+    picked = np.take_along_axis(weights, np.minimum(columns, size - 1), axis=1)
+    inner = np.cumsum(np.where(inside, picked, 0.0), axis=1, dtype=np.float64)
+    offsets = np.minimum((inner <= (targets - before)[:, None]).sum(axis=1), CDF_BLOCK - 1)
+    return np.minimum(starts[blocks] + offsets, size - 1)
+
+
+def sample_plain(logits: Any, samplers: Sequence[PlainSampler], work: Any = None) -> list[int]:
+    """One token per row of `logits` (rows x vocabulary, float32), row i by samplers[i].
+    `work`, a float32 array of at least as many rows, is reused for the probabilities: a new
+    one every step costs more than the sampling (the kernel maps and zeroes its pages anew)."""
     tokens = [0] * len(samplers)
     greedy = [i for i, s in enumerate(samplers) if s.temperature == 0]
     if greedy:
@@ -126,17 +144,29 @@ def sample_plain(logits: Any, samplers: Sequence[PlainSampler]) -> list[int]:
     drawn = [i for i, s in enumerate(samplers) if s.temperature != 0]
     if not drawn:
         return tokens
+    if work is None or work.shape[0] < len(drawn) or work.shape[1] != logits.shape[1]:
+        work = np.empty((len(drawn), logits.shape[1]), dtype=np.float32)
+    probs = work[: len(drawn)]
+    np.take(logits, drawn, axis=0, out=probs)
     temperatures = np.array([samplers[i].temperature for i in drawn], dtype=np.float32)
-    scaled = logits[drawn] / temperatures[:, None]
-    scaled -= scaled.max(axis=1, keepdims=True)
-    probs = np.exp(scaled, out=scaled)
+    np.divide(probs, temperatures[:, None], out=probs)
+    np.subtract(probs, probs.max(axis=1, keepdims=True), out=probs)
+    np.exp(probs, out=probs)
+    # One uniform number per row and step, drawn in row order from each sequence's generator.
+    us = np.array([samplers[i].rng.random() for i in drawn])
+    whole = [row for row, i in enumerate(drawn) if samplers[i].top_p >= 1.0]
+    if len(whole) == len(drawn):
+        chosen = draw_rows(probs, us).tolist()
+    elif whole:
+        chosen = draw_rows(probs[whole], us[whole]).tolist()
+    else:
+        chosen = []
+    for row, token in zip(whole, chosen, strict=True):
+        tokens[drawn[row]] = token
     for row, i in enumerate(drawn):
-        sampler = samplers[i]
-        if sampler.top_p < 1.0:
-            kept = nucleus(probs[row], sampler.top_p)
-            tokens[i] = int(kept[draw(probs[row][kept], sampler.rng.random())])
-        else:
-            tokens[i] = draw(probs[row], sampler.rng.random())
+        if samplers[i].top_p < 1.0:
+            kept = nucleus(probs[row], samplers[i].top_p)
+            tokens[i] = int(kept[draw(probs[row][kept], us[row])])
     return tokens
 
 
@@ -144,15 +174,22 @@ def step_sampler(lib: Any, n_vocab: int) -> StepSampler:
     """Samples a step's picks on a llama.cpp context: the plain rows together from the logits
     matrix, the others each through its own sampler chain."""
 
+    work = np.empty((0, n_vocab), dtype=np.float32)  # grows to the most rows a step has had
+
     def sample(ctx: Any, picks: Sequence[Pick]) -> list[int]:
+        nonlocal work
         tokens = [0] * len(picks)
         plain = [k for k, p in enumerate(picks) if isinstance(p.sampler, PlainSampler)]
         if plain:
             rows = max(picks[k].row for k in plain) + 1
+            if work.shape[0] < len(plain):
+                work = np.empty((len(plain), n_vocab), dtype=np.float32)
             matrix = np.ctypeslib.as_array(lib.llama_get_logits(ctx), shape=(rows, n_vocab))
+            wanted = [picks[k].row for k in plain]
             chosen = sample_plain(
-                matrix[[picks[k].row for k in plain]],
+                matrix if wanted == list(range(rows)) else matrix[wanted],
                 [picks[k].sampler for k in plain],  # type: ignore[misc]  # plain ones only
+                work,
             )
             for k, token in zip(plain, chosen, strict=True):
                 tokens[k] = token
