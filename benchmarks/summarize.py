@@ -50,7 +50,7 @@ def main() -> None:
             rate, ttft = median(s, level, "output_tokens_per_s"), median(s, level, "ttft_p50_ms")
             errors = sum(r["errors"] for r in by_key.get((s, level), []))
             note = f", {errors} errors" if errors else ""
-            cells.append(f"{rate} tok/s, {ttft} ms{note}")
+            cells.append(f"{rate:.1f} tok/s, {ttft:.0f} ms{note}" if rate and ttft else "-")
             merged.append({"name": s, "concurrency": level, "output_tokens_per_s": rate,
                            "ttft_p50_ms": ttft, "url": s})  # fmt: skip
         ratios = []
