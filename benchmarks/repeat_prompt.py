@@ -37,6 +37,15 @@ def history(topic: str) -> list[dict[str, str]]:
 
 def first_token_time(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, str]:
     """Seconds to the first content token, and the whole answer."""
+    try:
+        return _first_token_time(client, url, body)
+    except httpx.RemoteProtocolError:
+        # A keep-alive connection the server had just closed (llama-server closes idle ones):
+        # what any HTTP client retries once, on a new connection.
+        return _first_token_time(client, url, body)
+
+
+def _first_token_time(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, str]:
     started, first, text = time.perf_counter(), None, []
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         response.raise_for_status()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -57,6 +58,32 @@ def test_chat_completion_answers_with_usage(client):
     assert usage.prompt_tokens > 10
     assert 0 < usage.completion_tokens <= 24
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_a_repeated_chat_reuses_the_cached_prompt_and_answers_the_same(client, base_url):
+    def reused() -> int:
+        model = httpx.get(f"{base_url}/health").json()["models"][0]
+        if "prefix_tokens_reused" not in model:
+            pytest.skip("this engine keeps its own prefix cache and reports no count (vLLM)")
+        return int(model["prefix_tokens_reused"])
+
+    messages = [*USER, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Why?"}]
+
+    def ask() -> openai.types.chat.ChatCompletion:
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=12, temperature=0
+        )
+
+    first = ask()
+    assert first.usage is not None
+    cached = first.usage.prompt_tokens - 1  # all but the last prompt token
+    before = reused()
+    second = ask()
+    deadline = time.monotonic() + 5  # the count reaches the server just after the answer
+    while reused() - before < cached and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reused() - before >= cached
+    assert second.choices[0].message.content == first.choices[0].message.content
 
 
 def test_max_tokens_ends_with_length_and_exact_count(client):

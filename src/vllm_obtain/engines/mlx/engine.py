@@ -65,6 +65,11 @@ def seeded_sampler(sampling: SamplingParams) -> Callable[[Any], Any]:
     return sample
 
 
+# Finished sequences' KV caches kept for prefix reuse (mlx_lm.server's default count).
+PROMPT_CACHE_ENTRIES = 10
+MODEL_KEY = "served"  # the prompt cache's key: this engine serves one model
+
+
 class MlxEngine:
     """Serves one Hugging Face-format (or mlx-community) model directory with mlx-lm."""
 
@@ -85,6 +90,8 @@ class MlxEngine:
         self._active = 0
         self._grammars: JsonGrammars | None = None  # made on the first JSON request
         self._pieces: list[bytes] | None = None
+        self._prompt_cache: Any = None  # mlx-lm's LRUPromptCache, made on the engine thread
+        self.prefix_tokens_reused = 0
 
     async def load(self) -> ModelInfo:
         try:
@@ -134,7 +141,11 @@ class MlxEngine:
         return ids
 
     def stats(self) -> dict[str, float]:
-        return {"running": self._active, "waiting": self._jobs.qsize()}
+        return {
+            "running": self._active,
+            "waiting": self._jobs.qsize(),
+            "prefix_tokens_reused": self.prefix_tokens_reused,
+        }
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         if self._thread is None or self._courier is None:
@@ -219,14 +230,53 @@ class MlxEngine:
         if job.request.json_output is not None:
             # Last, so that it masks whatever the penalties left.
             processors.append(self._json_grammars().processor(job.request.json_output))
+        prompt = list(job.request.prompt_tokens)
+        cache, cached = self._cached_prefix(prompt, seeded=sampling.seed is not None)
         uid: int = generator.insert(
-            [list(job.request.prompt_tokens)],
+            [prompt[len(cached) :]],
             max_tokens=[job.request.max_tokens],
+            caches=[cache],
+            all_tokens=[cached],
             samplers=[seeded_sampler(sampling)],
             logits_processors=[processors],
             stop_sequences=[no_stop] if sampling.ignore_eos else None,
         )[0]
         return uid
+
+    def _cached_prefix(self, prompt: list[int], *, seeded: bool) -> tuple[Any, list[int]]:
+        """The KV cache of the longest cached prefix of `prompt` (from finished sequences, as
+        mlx_lm.server keeps them), and those tokens; at least one prompt token is left to
+        evaluate. A seeded request starts afresh, so its text does not depend on the cache."""
+        from mlx_lm.models.cache import (
+            LRUPromptCache,
+            can_trim_prompt_cache,
+            trim_prompt_cache,
+        )
+
+        if self._prompt_cache is None:
+            self._prompt_cache = LRUPromptCache(max_size=PROMPT_CACHE_ENTRIES)
+        if seeded:
+            return None, []
+        cache, rest = self._prompt_cache.fetch_nearest_cache(MODEL_KEY, prompt)
+        if cache is None:
+            return None, []
+        if not rest:  # all of it cached: evaluate the last token again for its logits
+            if not can_trim_prompt_cache(cache):
+                return None, []
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        cached = prompt[: len(prompt) - len(rest)]
+        self.prefix_tokens_reused += len(cached)
+        return cache, cached
+
+    def _keep_cache(self, response: Any) -> None:
+        """A finished sequence's KV cache, for the next prompt that shares its prefix."""
+        cache, tokens = (
+            getattr(response, "prompt_cache", None),
+            getattr(response, "all_tokens", None),
+        )
+        if cache and tokens and self._prompt_cache is not None:
+            self._prompt_cache.insert_cache(MODEL_KEY, list(tokens), cache)
 
     def _untrimmed_detokenizer(self) -> Any:
         """mlx-lm's detokenizers drop the leading space of the first token, as a chat window
@@ -252,6 +302,8 @@ class MlxEngine:
         token, reason = int(response.token), response.finish_reason
         if reason is not None:
             del running[response.uid]
+            if seq.job.request.sampling.seed is None:
+                self._keep_cache(response)
         if reason == "stop" and token in eos:
             seq.detokenizer.finalize()
             seq.job.emit(TokenChunk((token,), seq.detokenizer.last_segment.encode(), "stop"))
