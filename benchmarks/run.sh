@@ -123,12 +123,12 @@ if [ "${1:-}" = --vs-llama-server ]; then
   for temperature in 0 0.8; do
     bench --base-url http://127.0.0.1:8101 --model "$MODEL" --concurrency 16 \
       --requests-per-client 1 --max-tokens 128 --temperature "$temperature" \
-      --json "$OUT/lockstep_ours_t$temperature.json" | head -2
+      --json "$OUT/lockstep_ours_t$temperature.json" | sed -n 1,2p
   done
   echo "== one stream: raw decode vs a streaming client's inter-token rate (256 tokens)"
   $PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"
   bench --base-url http://127.0.0.1:8101 --model "$MODEL" --concurrency 1 \
-    --requests-per-client 8 --max-tokens 256 --json "$OUT/one_stream_ours.json" | head -2
+    --requests-per-client 8 --max-tokens 256 --json "$OUT/one_stream_ours.json" | sed -n 1,2p
   exit 0
 fi
 
@@ -144,7 +144,7 @@ if [ "${1:-}" = --vs-own-servers ]; then
     wait_healthy "http://127.0.0.1:$port" "$health"
     bench --base-url "http://127.0.0.1:$port" --names "$name" --model "$model" \
       --concurrency "$levels" --requests-per-client "$per_client" --max-tokens 64 \
-      --json "$OUT/own_${name}_$(date +%s).json" | head -4
+      --json "$OUT/own_${name}_$(date +%s).json" | sed -n 1,4p
     kill "$pid"; wait "$pid" 2>/dev/null || true
   }
   rm -f "$OUT"/own_*.json
