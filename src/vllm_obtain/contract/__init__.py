@@ -5,7 +5,7 @@ the Engine and Embedder protocols and their states (engine), and the errors engi
 (errors). Everything above speaks these types.
 """
 
-from vllm_obtain.contract.chunks import ChunkQueue, merge_chunks
+from vllm_obtain.contract.chunks import ChunkQueue, StreamItem
 from vllm_obtain.contract.data import (
     EmbeddingModelInfo,
     EngineConfig,
@@ -50,8 +50,8 @@ __all__ = [
     "JsonOutput",
     "ModelInfo",
     "SamplingParams",
+    "StreamItem",
     "TokenChunk",
     "TokenLogprob",
     "WeightFormat",
-    "merge_chunks",
 ]

@@ -9,7 +9,8 @@ from collections import deque
 
 from vllm_obtain.contract.data import TokenChunk
 
-Output = TokenChunk | BaseException
+# What a sequence's stream carries: a chunk, or the error that ended it.
+StreamItem = TokenChunk | BaseException
 
 
 def merge_chunks(first: TokenChunk, more: list[TokenChunk]) -> TokenChunk:
@@ -30,13 +31,13 @@ class ChunkQueue:
     it, and delivered after them)."""
 
     def __init__(self) -> None:
-        self._arrived: asyncio.Queue[Output] = asyncio.Queue()
-        self._backlog: deque[Output] = deque()
+        self._arrived: asyncio.Queue[StreamItem] = asyncio.Queue()
+        self._backlog: deque[StreamItem] = deque()
 
-    def put(self, item: Output) -> None:
+    def put(self, item: StreamItem) -> None:
         self._arrived.put_nowait(item)
 
-    async def get(self) -> Output:
+    async def get(self) -> StreamItem:
         """The next output; consecutive chunks already waiting come merged."""
         if not self._backlog:
             self._backlog.append(await self._arrived.get())

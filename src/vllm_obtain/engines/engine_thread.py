@@ -22,10 +22,9 @@ from vllm_obtain.contract import (
     EngineError,
     EngineRequestError,
     GenerationRequest,
+    StreamItem,
     TokenChunk,
 )
-
-Output = TokenChunk | BaseException
 
 
 @dataclass
@@ -33,7 +32,7 @@ class Job:
     """One request in flight: its input, where its output goes, whether it is still wanted."""
 
     request: GenerationRequest
-    emit: Callable[[Output], None]
+    emit: Callable[[StreamItem], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -44,12 +43,12 @@ class Courier:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._held: list[tuple[ChunkQueue, Output]] = []
+        self._held: list[tuple[ChunkQueue, StreamItem]] = []
 
     def job(self, request: GenerationRequest, outputs: ChunkQueue) -> Job:
         return Job(request, functools.partial(self._hold, outputs))
 
-    def _hold(self, outputs: ChunkQueue, item: Output) -> None:
+    def _hold(self, outputs: ChunkQueue, item: StreamItem) -> None:
         self._held.append((outputs, item))
 
     def flush(self) -> None:
@@ -61,7 +60,7 @@ class Courier:
             self._loop.call_soon_threadsafe(_deliver, held)
 
 
-def _deliver(held: list[tuple[ChunkQueue, Output]]) -> None:
+def _deliver(held: list[tuple[ChunkQueue, StreamItem]]) -> None:
     for outputs, item in held:
         outputs.put(item)
 

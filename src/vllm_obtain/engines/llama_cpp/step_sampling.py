@@ -103,21 +103,9 @@ def nucleus(probs: Any, top_p: float) -> Any:
     return head[: min(keep, head.size)]
 
 
-def draw(weights: Any, u: float) -> int:
-    """Index i with probability weights[i] / sum(weights), for u uniform in [0, 1)."""
-    starts = np.arange(0, weights.size, CDF_BLOCK)
-    cumulative = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
-    target = u * cumulative[-1]
-    block = min(int(np.searchsorted(cumulative, target, side="right")), starts.size - 1)
-    before = cumulative[block - 1] if block else 0.0
-    start = int(starts[block])
-    inner = np.cumsum(weights[start : start + CDF_BLOCK], dtype=np.float64)
-    index = min(int(np.searchsorted(inner, target - before, side="right")), inner.size - 1)
-    return start + index
-
-
 def draw_rows(weights: Any, us: Any) -> Any:
-    """`draw` for every row of `weights` (rows x vocabulary) at once, row i with us[i]."""
+    """For every row i of `weights` (rows x vocabulary), an index j with probability
+    weights[i, j] / sum(weights[i]), for us[i] uniform in [0, 1)."""
     rows, size = weights.shape
     starts = np.arange(0, size, CDF_BLOCK)
     cumulative = np.cumsum(np.add.reduceat(weights, starts, axis=1, dtype=np.float64), axis=1)
@@ -132,6 +120,11 @@ def draw_rows(weights: Any, us: Any) -> Any:
     return np.minimum(starts[blocks] + offsets, size - 1)
 
 
+def draw(weights: Any, u: float) -> int:
+    """Index i with probability weights[i] / sum(weights), for u uniform in [0, 1)."""
+    return int(draw_rows(weights[None, :], np.array([u]))[0])
+
+
 def sample_plain(logits: Any, samplers: Sequence[PlainSampler], work: Any = None) -> list[int]:
     """One token per row of `logits` (rows x vocabulary, float32), row i by samplers[i].
     `work`, a float32 array of at least as many rows, is reused for the probabilities: a new
@@ -144,7 +137,7 @@ def sample_plain(logits: Any, samplers: Sequence[PlainSampler], work: Any = None
     drawn = [i for i, s in enumerate(samplers) if s.temperature != 0]
     if not drawn:
         return tokens
-    if work is None or work.shape[0] < len(drawn) or work.shape[1] != logits.shape[1]:
+    if work is None:
         work = np.empty((len(drawn), logits.shape[1]), dtype=np.float32)
     probs = work[: len(drawn)]
     np.take(logits, drawn, axis=0, out=probs)
