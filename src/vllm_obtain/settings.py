@@ -35,6 +35,32 @@ def seconds_in(value: Any) -> Any:
     return value
 
 
+SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+    "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4,
+    "tib": 1 << 40,
+}  # fmt: skip
+
+
+def budget_bytes(value: str, *, capacity: int) -> int:
+    """'80%' of `capacity` bytes, or a size ('12GiB', '512M', '2e9'), in bytes."""
+    text = value.strip().lower().replace(" ", "")
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 < share <= 100:
+                raise ValueError
+            return int(capacity * share / 100)
+        number = text.rstrip("kmgtib")
+        unit = text[len(number) :]
+        size = int(float(number) * SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise ValueError(f"not a memory budget: {value!r} (say 80%, 12GiB or 512MiB)") from None
+    if size <= 0:
+        raise ValueError(f"not a memory budget: {value!r} (it must be above 0)")
+    return size
+
+
 def platform_env_file(system: str | None = None) -> str:
     """The config file for this OS (.env.mac, .env.linux or .env.windows), read from the cwd."""
     return PLATFORM_ENV_FILES.get(system or platform.system(), ".env")
@@ -61,13 +87,33 @@ class Settings(BaseSettings):
         env_prefix="OBTAIN_", env_file=platform_env_file(), extra="ignore"
     )
 
-    model: str | None = Field(
-        None,
-        description="alias, .gguf path, Hugging Face directory or name under models/",
-        json_schema_extra=shown("smollm2-135m-instruct", flag="MODEL"),
+    model: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a model to load at start and keep loaded: alias, .gguf path, Hugging Face "
+        "directory, name under models/ or pulled id, optionally NAME@ENGINE; repeatable (every "
+        "other installed model loads when a request names it)",
+        json_schema_extra=shown("smollm2-135m-instruct", flag="MODEL", env="OBTAIN_MODEL (m1,m2)"),
     )
     served_model_name: str | None = Field(
-        None, description="model id clients use", json_schema_extra=shown("the alias")
+        None,
+        description="model id clients use for the first model",
+        json_schema_extra=shown("the alias"),
+    )
+    keep_alive: Annotated[float, BeforeValidator(seconds_in)] = Field(
+        300,
+        ge=-1,
+        description="how long a model loaded on demand stays loaded after its last request "
+        "(5m, 1h, or seconds); -1: for ever; 0: unloaded right after",
+        json_schema_extra=shown("5m"),
+    )
+    memory_budget: str = Field(
+        "80%",
+        description="memory models may take together (a share of the GPU's memory with a "
+        "CUDA/ROCm GPU, else of RAM, or a size: 12GiB); idle models are unloaded, least "
+        "recently used first, to make room",
+    )
+    max_loaded_models: int = Field(
+        0, ge=0, description="models loaded at once at most; 0: as many as the memory budget holds"
     )
     embedding_model: str = Field(
         "all-minilm-l6-v2",
@@ -208,7 +254,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path("cache"), description="downloads and converted weights")
     logs_dir: Path = Field(Path("logs"), description="rotating log files (50 MB x 5)")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "model", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         """OBTAIN_API_KEYS=key1,key2 (or a JSON list) in env files."""
@@ -217,6 +263,12 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget_readable(cls, value: str) -> str:
+        budget_bytes(value, capacity=1 << 30)  # raises on what cannot be read
         return value
 
     @field_validator("engine")

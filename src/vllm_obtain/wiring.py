@@ -7,21 +7,26 @@ The only module that knows every layer; the CLI and uvicorn's reloader start her
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI
+from loguru import logger
 
+from vllm_obtain.api.admin import ModelPuller
 from vllm_obtain.api.app import ApiConfig, create_app
-from vllm_obtain.contract import Embedder, Engine, EngineConfig
+from vllm_obtain.contract import Embedder, Engine, EngineConfig, EngineNotInstalledError
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
-from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.core.registry import ModelRegistry, ModelSource, ServedModel, ServingLimits
+from vllm_obtain.core.residency import ResidencyPolicy
 from vllm_obtain.core.response_store import ResponseStore
 from vllm_obtain.engines.registry import (
     EMBEDDING_ENGINE,
+    ENGINE_NAMES,
     build_embedder,
     build_engine,
     engine_spec,
@@ -30,13 +35,26 @@ from vllm_obtain.hardware import PlatformInfo, choose_engine, detect_platform
 from vllm_obtain.logs import configure_logging
 from vllm_obtain.runtime.supervisor import SupervisedEmbedder, SupervisedEngine
 from vllm_obtain.runtime.wire import Start
-from vllm_obtain.settings import Settings
+from vllm_obtain.settings import Settings, budget_bytes
 from vllm_obtain.weights.catalog import (
+    ModelResolutionError,
     embedding_aliases,
+    load_catalog,
+    local_model_id,
+    local_model_path,
     model_format,
     resolve_embedding_model,
     resolve_model,
 )
+from vllm_obtain.weights.footprint import GIB, estimate_footprint
+from vllm_obtain.weights.gguf_to_hf import gguf_to_hf
+from vllm_obtain.weights.inventory import (
+    InstalledModel,
+    find_installed,
+    installed_models,
+    size_on_disk,
+)
+from vllm_obtain.weights.pull import PullProgress, pull
 
 # uvicorn's reloader builds the app anew in a child process; the command line's settings
 # reach it in this variable, as JSON (cli.export_for_reloader).
@@ -53,6 +71,7 @@ def create_server_app(
         embedding_models=build_embedding_models(settings),
         response_store=build_response_store(settings),
         on_load_failure=on_load_failure,
+        model_puller=model_puller(settings),
     )
 
 
@@ -124,26 +143,160 @@ def limits_from(settings: Settings) -> ServingLimits:
     )
 
 
+def residency_policy(settings: Settings, info: PlatformInfo) -> ResidencyPolicy:
+    """The memory budget (a share of the GPU's memory with a CUDA/ROCm GPU, else of RAM), the
+    cap on loaded models and the keep-alive the settings ask for."""
+    return ResidencyPolicy(
+        memory_budget=budget_bytes(settings.memory_budget, capacity=memory_capacity(info)),
+        max_loaded=settings.max_loaded_models,
+        keep_alive=settings.keep_alive,
+    )
+
+
+def memory_capacity(info: PlatformInfo) -> int:
+    """The memory models load into: the first GPU's with a CUDA/ROCm GPU, else RAM (unified
+    memory on Apple Silicon)."""
+    if info.has_cuda_or_rocm and info.gpus[0].memory_mib:
+        return info.gpus[0].memory_mib << 20
+    return int((info.memory_gib or 8.0) * GIB)
+
+
 def build_registry(settings: Settings, info: PlatformInfo | None = None) -> ModelRegistry:
-    """The chat model the settings name, on the engine chosen for it here."""
+    """The models named in the settings (the default model when none is), loaded at start and
+    kept; and every other installed model, loaded when a request names it."""
     info = info or detect_platform()
-    engine, _ = choose_engine(
-        info, model_format(settings.model, settings.models_dir), settings.engine
+    named = [named_model(spec, settings) for spec in settings.model or [default_model()]]
+    if settings.served_model_name:
+        model, engine, _ = named[0]
+        named[0] = (dataclasses.replace(model, id=settings.served_model_name), engine, model.id)
+    pinned = [
+        model_source(model, settings, info, engine, pinned=True, fetch_as=fetch_as)
+        for model, engine, fetch_as in named
+    ]
+    taken_ids = {model.id for model, _, _ in named}
+    taken_paths = {model.path.resolve() for model, _, _ in named if model.path.exists()}
+
+    def discover() -> list[ModelSource]:
+        sources = []
+        for model in installed_models(settings.models_dir, settings.cache_dir):
+            if model.id in taken_ids or model.path.resolve() in taken_paths:
+                continue
+            try:
+                sources.append(model_source(model, settings, info, settings.engine))
+            except (EngineNotInstalledError, ModelResolutionError) as exc:
+                logger.debug("not serving {}: {}", model.id, exc)
+        return sources
+
+    return ModelRegistry(
+        sources=[*pinned, *discover()],
+        policy=residency_policy(settings, info),
+        discover=discover,
+        wait_timeout=settings.request_timeout,
     )
-    resolved = resolve_model(
-        settings.model,
+
+
+def default_model() -> str:
+    return str(load_catalog()["default"])
+
+
+def named_model(spec: str, settings: Settings) -> tuple[InstalledModel, str, str]:
+    """A model named at start, `NAME` or `NAME@ENGINE`: (the model, the engine asked for, the
+    name to fetch it by)."""
+    name, engine = split_engine(spec, settings.engine)
+    installed = find_installed(name, settings.models_dir, settings.cache_dir)
+    if installed is not None:
+        return installed, engine, name
+    fmt = model_format(name, settings.models_dir)  # an unknown name is refused here
+    if fmt == "alias":  # not on disk yet: resolve_model fetches it when it loads
+        return InstalledModel(name, Path(name), "alias", 0, "alias"), engine, name
+    path = local_model_path(name, settings.models_dir)
+    assert path is not None  # model_format found it
+    installed = InstalledModel(local_model_id(path), path, fmt, size_on_disk(path), "models")
+    return installed, engine, name
+
+
+def model_source(
+    model: InstalledModel,
+    settings: Settings,
+    info: PlatformInfo,
+    requested: str,
+    *,
+    pinned: bool = False,
+    fetch_as: str | None = None,
+) -> ModelSource:
+    """How to serve an installed model: on the engine `doctor` would choose for its format here
+    (or the one asked for), and what it will take in memory."""
+    engine, _ = choose_engine(info, model.format, requested)
+    reads = engine_spec(engine).weights
+    if model.format == "hf" and reads == "gguf":
+        raise ModelResolutionError(
+            f"{engine} needs a GGUF file and '{model.id}' is a Hugging Face directory: "
+            "name it as NAME@vllm or NAME@mlx"
+        )
+
+    def weights() -> Path:
+        if model.format == "alias":
+            return resolve_model(
+                fetch_as or model.id,
+                engine=engine,
+                reads=reads,
+                models_dir=settings.models_dir,
+                cache_dir=settings.cache_dir,
+            ).path
+        if reads == "hf" and model.path.is_file():
+            return gguf_to_hf(model.path, settings.cache_dir)
+        return model.path
+
+    def build() -> ServedModel:
+        return ServedModel(
+            id=model.id,
+            engine=isolated_engine(engine, weights(), settings),
+            chat_template=_read_template(settings.chat_template),
+            limits=limits_from(settings),
+        )
+
+    estimate = 0
+    if model.path.exists():
+        gpu = memory_capacity(info) if info.has_cuda_or_rocm else None
+        config = engine_config(settings)
+        estimate = estimate_footprint(
+            model.path, engine=engine, config=config, gpu_memory=gpu
+        ).total
+    return ModelSource(
+        id=model.id,
         engine=engine,
-        reads=engine_spec(engine).weights,
-        models_dir=settings.models_dir,
-        cache_dir=settings.cache_dir,
+        build=build,
+        format=model.format,
+        size_bytes=model.size_bytes,
+        estimated_bytes=estimate,
+        pinned=pinned,
     )
-    served = ServedModel(
-        id=settings.served_model_name or resolved.id,
-        engine=isolated_engine(engine, resolved.path, settings),
-        chat_template=_read_template(settings.chat_template),
-        limits=limits_from(settings),
-    )
-    return ModelRegistry([served])
+
+
+def model_puller(settings: Settings) -> ModelPuller:
+    """POST /admin/pull's download: weights.pull into the settings' folders."""
+
+    def pull_model(name: str, sha256: str | None, report: Callable[[dict[str, Any]], None]) -> str:
+        def on_progress(progress: PullProgress) -> None:
+            report(dataclasses.asdict(progress))
+
+        return pull(
+            name,
+            models_dir=settings.models_dir,
+            cache_dir=settings.cache_dir,
+            sha256=sha256,
+            on_progress=on_progress,
+        ).id
+
+    return pull_model
+
+
+def split_engine(spec: str, default: str) -> tuple[str, str]:
+    """`NAME@ENGINE` -> (NAME, ENGINE); a plain NAME keeps the default engine choice."""
+    name, at, engine = spec.rpartition("@")
+    if at and engine in ENGINE_NAMES:
+        return name, engine
+    return spec, default
 
 
 def isolated_engine(name: str, model_path: Path, settings: Settings) -> Engine:

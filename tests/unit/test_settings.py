@@ -14,7 +14,7 @@ def test_defaults_match_the_documented_ones(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no .env file here
     settings = Settings()
     assert settings.port == 8001
-    assert settings.model is None
+    assert settings.model == []
     assert settings.engine == "auto"
 
 

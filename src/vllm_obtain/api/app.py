@@ -12,8 +12,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from vllm_obtain import __version__
-from vllm_obtain.api import chat, completions, embeddings, health, metrics, models, responses
+from vllm_obtain.api import (
+    admin,
+    chat,
+    completions,
+    embeddings,
+    health,
+    metrics,
+    models,
+    responses,
+)
 from vllm_obtain.api.access import ApiKeyMiddleware, BodyLimitMiddleware
+from vllm_obtain.api.admin import ModelPuller
 from vllm_obtain.api.errors import install_error_handlers
 from vllm_obtain.api.metrics import ServerMetrics
 from vllm_obtain.api.middleware import JsonBodyMiddleware, RequestContextMiddleware
@@ -41,6 +51,7 @@ def create_app(
     embedding_models: EmbeddingModels | None = None,
     response_store: ResponseStore | None = None,
     on_load_failure: Callable[[], None] | None = None,
+    model_puller: ModelPuller | None = None,
 ) -> FastAPI:
     """The app serving `registry`'s models (vllm_obtain.wiring builds them from the settings;
     tests pass their own). Models load in the background once it starts, so health checks can
@@ -75,6 +86,7 @@ def create_app(
     app.state.embedding_models = embedding_models
     app.state.config = config
     app.state.response_store = response_store  # None: /v1/responses stores nothing
+    app.state.model_puller = model_puller  # None: POST /admin/pull refuses
     app.state.metrics = ServerMetrics(registry)
     install_error_handlers(app)
     # Added innermost first: a request meets the request context (id, log line, metrics), then
@@ -100,6 +112,6 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware, metrics=app.state.metrics, log_prompts=config.log_prompts
     )
-    for module in (chat, completions, responses, embeddings, models, health, metrics):
+    for module in (chat, completions, responses, embeddings, models, admin, health, metrics):
         app.include_router(module.router)
     return app

@@ -47,7 +47,7 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
-    model = served_model(request, body.model)
+    model = await served_model(request, body.model)
     messages = body.messages_for_template()
     note_prompt(request, messages)
     refuse_unimplemented(body.unsupported_param())

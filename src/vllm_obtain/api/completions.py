@@ -33,7 +33,7 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
-    model = served_model(request, body.model)
+    model = await served_model(request, body.model)
     note_prompt(request, body.prompt)
     refuse_unimplemented(body.unsupported_param())
     prompts = body.prompts(document_start=model.loaded_info.bos_token)

@@ -20,6 +20,7 @@ from vllm_obtain.contract import EngineError, EngineRequestError, EngineUnavaila
 from vllm_obtain.core.generation import GenerationTimeoutError
 from vllm_obtain.core.planning import ParamError
 from vllm_obtain.core.registry import QueueFullError, UnknownModelError
+from vllm_obtain.core.residency import ModelTooLargeError
 from vllm_obtain.core.templates import ChatTemplateError
 
 
@@ -131,6 +132,8 @@ def as_openai_error(exc: Exception) -> OpenAIError:
         return exc
     if isinstance(exc, UnknownModelError):
         return NotFoundError(str(exc), param="model", code="model_not_found")
+    if isinstance(exc, ModelTooLargeError):
+        return InvalidRequestError(str(exc), param="model", code="model_too_large")
     if isinstance(exc, ParamError):
         return InvalidRequestError(str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, ChatTemplateError):
@@ -187,6 +190,7 @@ def install_error_handlers(app: FastAPI) -> None:
     for exc_type in (
         OpenAIError,
         UnknownModelError,
+        ModelTooLargeError,
         QueueFullError,
         GenerationTimeoutError,
         ParamError,

@@ -9,38 +9,54 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_obtain.api.request_scope import embedding_models_of, registry_of
-from vllm_obtain.core.registry import ModelRegistry
+from vllm_obtain.core.registry import ModelEntry, ModelRegistry
 
 router = APIRouter(tags=["health"])
 
 
 def overall_status(states: Sequence[str]) -> str:
-    """ok: every model serves; loading: none has come up yet; degraded: anything else (an
-    engine restarting after a fault, or failed)."""
-    if states and all(s == "ready" for s in states):
+    """ok: every model holding an engine serves (or none does: all idle, loaded on demand);
+    loading: none has come up yet; degraded: anything else (an engine restarting after a
+    fault, a model unloading, or failed)."""
+    if all(s == "ready" for s in states):
         return "ok"
     if all(s == "loading" for s in states):
         return "loading"
     return "degraded"
 
 
+def health_state(entry: ModelEntry) -> str:
+    """A model as /health tells it: its engine's state once loaded, else its own."""
+    if entry.state == "loaded" and entry.served is not None:
+        return entry.served.state
+    return entry.state
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while at least one model can answer; 503 otherwise. The body says why."""
-    models = registry_of(request).all()
+    """200 while a model can answer (or load on demand); 503 otherwise. The body says why."""
+    entries = registry_of(request).entries()
+    held = [e for e in entries if e.state != "available"]
     embedders = embedding_models_of(request).models
-    states = [m.state for m in models]
+    states = [health_state(e) for e in held]
     body = {
         "status": overall_status(states + [e.state for e in embedders]),
         "models": [
-            {"id": m.id, "engine": m.engine.name, "state": m.state, **m.engine.stats()}
-            for m in models
+            {
+                "id": e.id,
+                "engine": e.source.engine,
+                "state": health_state(e),
+                **(e.served.engine.stats() if e.served is not None else {}),
+            }
+            for e in held
         ],
+        "available": [e.id for e in entries if e.state == "available"],
         "embedding_models": [
             {"id": e.id, "engine": e.engine_name, "state": e.state, **e.stats()} for e in embedders
         ],
     }
-    return JSONResponse(body, status_code=200 if "ready" in states else 503)
+    can_answer = "ready" in states or (bool(entries) and not held)
+    return JSONResponse(body, status_code=200 if can_answer else 503)
 
 
 @router.get("/health/live")
@@ -48,7 +64,7 @@ async def liveness(request: Request) -> JSONResponse:
     """Fails only when restarting this server is the cure: an engine that gave up restarting."""
     # An embedding model that never loaded is not cured by a restart; one that gave up is.
     restartable = [e for e in embedding_models_of(request).models if e.embedder is not None]
-    states: list[tuple[str, str]] = [(m.id, m.state) for m in registry_of(request).all()]
+    states: list[tuple[str, str]] = [(m.id, m.state) for m in registry_of(request).loaded()]
     states += [(e.id, e.state) for e in restartable]
     failed = [model_id for model_id, state in states if state == "failed"]
     if failed:
@@ -58,12 +74,16 @@ async def liveness(request: Request) -> JSONResponse:
 
 @router.get("/health/ready")
 async def readiness(request: Request) -> JSONResponse:
-    """200 when every model can take requests now."""
+    """200 when the models named at start, and every model loaded, can take requests now."""
     registry: ModelRegistry = registry_of(request)
-    states: dict[str, str] = {m.id: m.state for m in registry.all()}
+    states: dict[str, str] = {
+        e.id: health_state(e)
+        for e in registry.entries()
+        if e.source.pinned or e.state in ("loading", "loaded")
+    }
     # An embedding model that could not load does not hold back the chat model's traffic.
     states |= {e.id: e.state for e in embedding_models_of(request).models if e.state != "failed"}
-    ready = bool(states) and all(s == "ready" for s in states.values())
+    ready = bool(states or registry.entries()) and all(s == "ready" for s in states.values())
     return JSONResponse(
         {"status": "ready" if ready else "not_ready", "models": states},
         status_code=200 if ready else 503,

@@ -81,6 +81,33 @@ class EngineCollector:
                 kv.add_metric(values, float(stats["kv_cache_usage"]))
             restarts.add_metric(values, float(stats.get("restarts", 0)))
         yield from (up, running, queued, kv, restarts)
+        yield from self._residency()
+
+    def _residency(self) -> Iterator[Metric]:
+        """Every servable model: whether it is loaded, what it holds, its loads and unloads."""
+        loaded = GaugeMetricFamily(
+            f"{PREFIX}_model_loaded", "1 while the model is loaded", labels=["model", "engine"]
+        )
+        memory = GaugeMetricFamily(
+            f"{PREFIX}_model_memory_bytes",
+            "memory its engine process holds (its estimate while loading)",
+            labels=["model", "engine"],
+        )
+        loads = CounterMetricFamily(f"{PREFIX}_model_loads", "model loads", labels=["model"])
+        unloads = CounterMetricFamily(
+            f"{PREFIX}_model_unloads",
+            "model unloads, by reason: idle, memory, count, admin",
+            labels=["model", "reason"],
+        )
+        for entry in self._models.entries():
+            values = [entry.id, entry.source.engine]
+            loaded.add_metric(values, 1.0 if entry.state == "loaded" else 0.0)
+            if entry.state in ("loading", "loaded", "unloading"):
+                memory.add_metric(values, float(entry.charge))
+            loads.add_metric([entry.id], float(entry.loads))
+            for reason, count in entry.unloads.items():
+                unloads.add_metric([entry.id, reason], float(count))
+        yield from (loaded, memory, loads, unloads)
 
 
 class ServerMetrics:

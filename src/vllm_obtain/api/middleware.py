@@ -8,6 +8,7 @@ when the response has really ended: for a stream, after its last event.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 
 from loguru import logger
 from starlette.datastructures import MutableHeaders
@@ -16,6 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
+# request.state's list of callables run once the response has ended (request_scope).
+ON_RESPONSE_END = "on_response_end"
 # Probes and scrapes arrive every few seconds; their lines are DEBUG so they do not drown the rest.
 QUIET_PATHS = ("/health", "/metrics")
 # The routes whose requests last long enough for an in-flight gauge to mean something.
@@ -38,6 +41,8 @@ class RequestContextMiddleware:
         record = RequestRecord(incoming[:128] or uuid.uuid4().hex, scope["method"], scope["path"])
         state = scope.setdefault("state", {})
         state["request_id"], state["record"] = record.request_id, record
+        on_end: list[Callable[[], None]] = []
+        state[ON_RESPONSE_END] = on_end
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -55,6 +60,8 @@ class RequestContextMiddleware:
                 record.status = record.status or 500
                 raise
             finally:
+                for callback in on_end:
+                    callback()
                 in_flight.dec()
                 # The route's template, known once the router matched: a bounded label set.
                 route = getattr(scope.get("route"), "path", "unmatched")

@@ -1,4 +1,4 @@
-"""GET /v1/models and GET /v1/models/{id}."""
+"""GET /v1/models and GET /v1/models/{id}: every model this server can serve, loaded or not."""
 
 from __future__ import annotations
 
@@ -7,18 +7,20 @@ from fastapi import APIRouter, Request
 from vllm_obtain.api.protocol import ModelCard, ModelList
 from vllm_obtain.api.request_scope import embedding_models_of, registry_of
 from vllm_obtain.core.embeddings import ServedEmbedder
-from vllm_obtain.core.registry import ServedModel
+from vllm_obtain.core.registry import ModelEntry
 
 router = APIRouter(tags=["models"])
 
 
-def _card(model: ServedModel | ServedEmbedder) -> ModelCard:
+def _card(model: ModelEntry | ServedEmbedder) -> ModelCard:
     return ModelCard(id=model.id, created=model.created, owned_by=model.owned_by)
 
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    served: list[ServedModel | ServedEmbedder] = [*registry_of(request).loaded()]
+    registry = registry_of(request)
+    await registry.refresh()
+    served: list[ModelEntry | ServedEmbedder] = [*registry.entries()]
     served += [m for m in embedding_models_of(request).models if m.embedder is not None]
     return ModelList(data=[_card(m) for m in served])
 
@@ -29,4 +31,4 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     embedder = embedding_models_of(request).find(model_id)
     if embedder is not None and embedder.embedder is not None:
         return _card(embedder)
-    return _card(registry_of(request).get(model_id))
+    return _card(await registry_of(request).find(model_id))

@@ -4,11 +4,13 @@ record, and the measured stream of its answer."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from fastapi import Request
 
 from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
+from vllm_obtain.api.middleware import ON_RESPONSE_END
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.generation import Deltas, run_plan
 from vllm_obtain.core.planning import Plan
@@ -38,15 +40,27 @@ def embedding_models_of(request: Request) -> EmbeddingModels:
     return models
 
 
-def served_model(request: Request, model_id: str) -> ServedModel:
-    """The model a request names, noted on its record for the log line and metrics."""
+async def served_model(request: Request, model_id: str) -> ServedModel:
+    """The model a request names, loaded if it was not (the request waits), and held until
+    the response has ended; noted on its record for the log line and metrics."""
     if embedding_models_of(request).find(model_id) is not None:
         raise InvalidRequestError(
             f"'{model_id}' is an embedding model: use it with /v1/embeddings.", param="model"
         )
-    model = registry_of(request).get(model_id)
-    record_of(request).model = model.id
-    return model
+    lease = await registry_of(request).acquire(model_id)
+    when_response_ends(request, lease.release)
+    record_of(request).model = lease.model.id
+    return lease.model
+
+
+def when_response_ends(request: Request, callback: Callable[[], None]) -> None:
+    """Call `callback` once the response has been sent, a stream's last event included
+    (RequestContextMiddleware runs them)."""
+    callbacks: list[Callable[[], None]] | None = getattr(request.state, ON_RESPONSE_END, None)
+    if callbacks is None:  # an app mounted without the middleware: nothing would run it
+        callbacks = []
+        setattr(request.state, ON_RESPONSE_END, callbacks)
+    callbacks.append(callback)
 
 
 def embedding_model(request: Request, model_id: str) -> ServedEmbedder:
@@ -55,7 +69,7 @@ def embedding_model(request: Request, model_id: str) -> ServedEmbedder:
     model = embedding_models_of(request).find(model_id)
     if model is not None:
         return model
-    if model_id in {m.id for m in registry_of(request).all()}:
+    if model_id in {e.id for e in registry_of(request).entries()}:
         raise InvalidRequestError(
             f"'{model_id}' generates text; /v1/embeddings needs an embedding model.",
             param="model",

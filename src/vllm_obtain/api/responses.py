@@ -45,7 +45,7 @@ def store_of(request: Request) -> ResponseStore | None:
 
 @router.post("/v1/responses", response_model=ResponseObject)
 async def create_response(body: CreateResponseRequest, request: Request) -> Response:
-    model = served_model(request, body.model)
+    model = await served_model(request, body.model)
     if (param := body.unsupported_param()) is not None:
         raise InvalidRequestError(body.unsupported_message(param), param=param, code="unsupported")
     store = store_of(request)

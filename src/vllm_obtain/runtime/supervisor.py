@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
+import psutil
 from loguru import logger
 
 from vllm_obtain.contract import (
@@ -71,6 +72,21 @@ def describe_exit(returncode: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-returncode).name}"
     return f"exited with code {returncode}"
+
+
+def resident_bytes(pid: int) -> int:
+    """The resident memory of a process and its descendants (vLLM's engine core and worker are
+    processes of their own); 0 when it is gone."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total
 
 
 class RestartBudget:
@@ -384,10 +400,12 @@ class EngineProcess:
 
     def stats(self) -> dict[str, float]:
         proc = self._proc
+        running = proc is not None and proc.returncode is None
         return {
             **self._stats,
             "pid": proc.pid if proc is not None else 0,
             "restarts": self.restarts,
+            "memory_bytes": resident_bytes(proc.pid) if proc is not None and running else 0,
         }
 
 

@@ -45,7 +45,13 @@ def embedding_aliases() -> dict[str, str]:
     return {name: entry.get("description", "") for name, entry in entries.items()}
 
 
-def _local_path(name: str, models_dir: Path) -> Path | None:
+def local_model_id(path: Path) -> str:
+    """The id of a model given by path: the file's stem or the folder's name, lower-cased."""
+    return path.stem.lower() if path.is_file() else path.name.lower()
+
+
+def local_model_path(name: str, models_dir: Path) -> Path | None:
+    """The GGUF file or Hugging Face folder `name` points at: a path, or a name in models/."""
     for candidate in (Path(name).expanduser(), models_dir / name, models_dir / f"{name}.gguf"):
         if candidate.is_file() or (candidate / "config.json").is_file():
             return candidate.resolve()
@@ -57,7 +63,7 @@ def model_format(name: str | None, models_dir: Path) -> ModelFormat:
     name = name or load_catalog()["default"]
     if name in load_catalog()["models"]:
         return "alias"
-    local = _local_path(name, models_dir)
+    local = local_model_path(name, models_dir)
     if local is None:
         raise _unknown_model(name, models_dir)
     return "hf" if local.is_dir() else "gguf"
@@ -81,10 +87,10 @@ def resolve_model(
         return ResolvedModel(
             id=name, path=_from_catalog(name, entry, engine, models_dir, cache_dir)
         )
-    local = _local_path(name, models_dir)
+    local = local_model_path(name, models_dir)
     if local is None:
         raise _unknown_model(name, models_dir)
-    model_id = local.stem.lower() if local.is_file() else local.name.lower()
+    model_id = local_model_id(local)
     if reads == "gguf" and local.is_dir():
         raise ModelResolutionError(
             f"{engine} needs a GGUF file and '{name}' is a Hugging Face directory: "
@@ -136,16 +142,15 @@ def resolve_embedding_model(name: str, *, models_dir: Path, cache_dir: Path) -> 
     if entry is not None:
         folder = packaged_file(entry["package"], entry["dir"])
         return ResolvedModel(id=name, path=bert_to_gguf(folder, cache_dir))
-    local = _local_path(name, models_dir)
+    local = local_model_path(name, models_dir)
     if local is None:
         known = ", ".join(sorted(load_catalog().get("embedding_models", {})))
         raise ModelResolutionError(
             f"unknown embedding model '{name}': not a file, not in {models_dir}/, "
             f"not an alias ({known})"
         )
-    model_id = local.stem.lower() if local.is_file() else local.name.lower()
     return ResolvedModel(
-        id=model_id, path=local if local.is_file() else bert_to_gguf(local, cache_dir)
+        id=local_model_id(local), path=local if local.is_file() else bert_to_gguf(local, cache_dir)
     )
 
 

@@ -1,0 +1,208 @@
+"""How much memory a model will take once loaded, estimated before loading it: its weights as
+the engine holds them, its KV cache for the context and parallelism it is given, and what the
+engine's process takes besides. The memory budget (core.residency) is checked against this.
+
+Read from the weights' own metadata (a GGUF header, a config.json), never by loading them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from vllm_obtain.contract import EngineConfig
+
+MIB, GIB = 1 << 20, 1 << 30
+# What an engine's process holds besides weights and KV cache: the interpreter, the engine's
+# libraries, compute buffers (measured on CPU here: llama.cpp ~70 MiB with a 135M model,
+# vLLM's engine core and worker ~1.7 GiB, MLX ~0.5 GiB), rounded up.
+RUNTIME_BYTES = {"llama.cpp": 128 * MIB, "vllm": 2 * GIB, "mlx": 768 * MIB}
+# llama.cpp's and MLX's defaults where the settings leave them automatic (engines/*/engine.py).
+LLAMA_CPP_MAX_CONTEXT = 8192
+LLAMA_CPP_MAX_KV_TOKENS = 32768
+# vLLM on CPU without --kv-cache-gib sizes its KV cache from what is free: counted as this.
+VLLM_CPU_AUTO_KV_BYTES = 4 * GIB
+VLLM_GPU_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
+KV_BYTES_PER_VALUE = 2  # f16 keys and values
+HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the KV cache depends on."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    trained_context: int
+    parameters: int = 0  # 0: unknown
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES_PER_VALUE
+
+
+@dataclass(frozen=True)
+class Footprint:
+    weights: int
+    kv_cache: int
+    runtime: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.runtime
+
+
+def gguf_shape(path: Path) -> ModelShape | None:
+    """The shape a GGUF file's header declares (None when the header lacks it)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _gguf_shape(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _gguf_shape(path: Path, size: int, mtime_ns: int) -> ModelShape | None:
+    """gguf_shape, read once per file version: /v1/models lists every installed model."""
+    try:
+        with path.open("rb") as stream:
+            metadata, parameters = read_gguf_header(stream)
+    except (OSError, ValueError, struct.error):
+        return None
+    arch = metadata.get("general.architecture")
+
+    def number(key: str) -> int:
+        found = metadata.get(f"{arch}.{key}")
+        return found if isinstance(found, int) else 0
+
+    layers, heads, width = (
+        number("block_count"),
+        number("attention.head_count"),
+        number("embedding_length"),
+    )
+    if not (layers and heads and width):
+        return None
+    kv_heads = number("attention.head_count_kv") or heads
+    head_dim = number("attention.key_length") or width // heads
+    context = number("context_length")
+    return ModelShape(layers, kv_heads, head_dim, context, parameters)
+
+
+# GGUF value types (ggml's gguf.h): struct formats of the fixed-size ones; 8 string, 9 array.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_header(stream: BinaryIO) -> tuple[dict[str, object], int]:
+    """A GGUF file's scalar metadata and its parameter count, from its header alone.
+
+    The gguf package's reader parses every array (a 50k-token vocabulary) in Python, two
+    seconds per file; this skips arrays, so estimating a model costs milliseconds."""
+
+    def unpack(fmt: str) -> Any:
+        return struct.unpack(fmt, stream.read(struct.calcsize(fmt)))[0]
+
+    def string() -> str:
+        return stream.read(unpack("<Q")).decode("utf-8", "replace")
+
+    def value(kind: int) -> object:
+        if kind in _GGUF_SCALARS:
+            return unpack(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return string()
+        if kind == _GGUF_ARRAY:
+            item, count = unpack("<I"), unpack("<Q")
+            if item in _GGUF_SCALARS:
+                stream.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+            else:
+                for _ in range(count):
+                    value(item)
+            return None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    if stream.read(4) != b"GGUF" or unpack("<I") < 2:
+        raise ValueError("not a GGUF file (version 2 or later)")
+    tensors, entries = unpack("<Q"), unpack("<Q")
+    metadata: dict[str, object] = {}
+    for _ in range(entries):
+        key = string()
+        metadata[key] = value(unpack("<I"))
+    parameters = 0
+    for _ in range(tensors):
+        string()  # the tensor's name
+        dims = [unpack("<Q") for _ in range(unpack("<I"))]
+        stream.seek(4 + 8, 1)  # its type and offset
+        parameters += math.prod(dims)
+    return metadata, parameters
+
+
+def hf_shape(folder: Path) -> ModelShape | None:
+    """The shape a Hugging Face config.json declares."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)  # multimodal configs nest the language model
+    layers, heads = config.get("num_hidden_layers"), config.get("num_attention_heads")
+    width = config.get("hidden_size")
+    if not (layers and heads and width):
+        return None
+    return ModelShape(
+        layers=int(layers),
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or width // heads),
+        trained_context=int(config.get("max_position_embeddings") or 0),
+    )
+
+
+def weights_bytes(path: Path) -> int:
+    """A file's size, or the weight files' in a folder (hub snapshots link to their blobs)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(
+        f.stat().st_size
+        for f in path.rglob("*")
+        if f.is_file() and f.name.endswith(HF_WEIGHT_SUFFIXES)
+    )
+
+
+def estimate_footprint(
+    path: Path,
+    *,
+    engine: str,
+    config: EngineConfig,
+    gpu_memory: int | None = None,
+) -> Footprint:
+    """What `engine` will hold serving the weights at `path` (a GGUF file, converted to bf16
+    for an engine that reads Hugging Face weights, or a Hugging Face folder) with `config`.
+    `gpu_memory`: the GPU's size in bytes when the engine runs on one."""
+    shape = gguf_shape(path) if path.is_file() else hf_shape(path)
+    weights = weights_bytes(path)
+    if path.is_file() and engine != "llama.cpp" and shape is not None and shape.parameters:
+        weights = shape.parameters * 2  # converted to bfloat16 (weights/gguf_to_hf.py)
+    runtime = RUNTIME_BYTES.get(engine, 512 * MIB)
+    if engine == "vllm":
+        if gpu_memory is not None:  # vLLM takes its share of the GPU whatever the model
+            share = float(config.vllm_args.get("gpu_memory_utilization", VLLM_GPU_UTILIZATION))
+            return Footprint(weights=int(gpu_memory * share), kv_cache=0, runtime=0)
+        kv = config.cpu_kv_cache_gib * GIB if config.cpu_kv_cache_gib else VLLM_CPU_AUTO_KV_BYTES
+        return Footprint(weights, kv, runtime)
+    if shape is None:
+        return Footprint(weights, 0, runtime)
+    context = config.context_length or min(
+        shape.trained_context or LLAMA_CPP_MAX_CONTEXT, LLAMA_CPP_MAX_CONTEXT
+    )
+    if engine == "llama.cpp":
+        tokens = config.kv_cache_tokens or max(
+            context, min(config.parallel * context // 4, LLAMA_CPP_MAX_KV_TOKENS)
+        )
+    else:  # MLX grows its caches as sequences do: a quarter of the context per sequence
+        tokens = max(context, config.max_batch * context // 4)
+    return Footprint(weights, tokens * shape.kv_bytes_per_token, runtime)

