@@ -9,6 +9,10 @@
 #                                           the repo), and against raw lockstep decoding
 #        benchmarks/run.sh --vs-own-servers ours on vLLM against vLLM's OpenAI server, ours on MLX
 #                                           against mlx_lm.server (needs --engines all)
+#        benchmarks/run.sh --model-cycles   many models: time to first token of a model that
+#                                           loads on request (cold) and a loaded one (warm), and
+#                                           memory across 20 load/unload cycles (starts its own
+#                                           server; a Q8_0 copy of the embedded model)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results
@@ -37,6 +41,12 @@ if [ "${1:-}" = --isolation ]; then
   wait_healthy http://127.0.0.1:8104 /health/ready
   bench --base-url http://127.0.0.1:8101 --compare http://127.0.0.1:8104 \
     --concurrency 1,16 --max-tokens 128 --json "$OUT/isolation.json"
+  exit 0
+fi
+
+if [ "${1:-}" = --model-cycles ]; then
+  echo "== cold and warm time to first token, memory across load/unload cycles"
+  $PY benchmarks/model_cycles.py --json "$OUT/model_cycles.json"
   exit 0
 fi
 

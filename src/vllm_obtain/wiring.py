@@ -266,7 +266,7 @@ def model_source(
         id=model.id,
         engine=engine,
         build=build,
-        format=model.format,
+        format=weights_format(model),
         size_bytes=model.size_bytes,
         estimated_bytes=estimate,
         pinned=pinned,
@@ -289,6 +289,13 @@ def model_puller(settings: Settings) -> ModelPuller:
         ).id
 
     return pull_model
+
+
+def weights_format(model: InstalledModel) -> str:
+    """What the weights on disk are: an alias says so once it is downloaded."""
+    if model.format != "alias" or not model.path.exists():
+        return model.format
+    return "gguf" if model.path.is_file() else "hf"
 
 
 def split_engine(spec: str, default: str) -> tuple[str, str]:

@@ -18,7 +18,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import MODEL, free_port, running_server, start_server
+from tests.integration.conftest import (
+    MODEL,
+    free_port,
+    running_server,
+    start_server,
+    wait_for,
+)
 
 FAULTY = ["--engine", "llama.cpp", "--parallel", "2", "--max-queue", "1", "--ctx-size", "4096"]
 FAULTY += ["--engine-hang-timeout", "3"]
@@ -50,15 +56,6 @@ def health(url: str) -> dict:
 
 def engine_pid(url: str) -> int:
     return int(health(url)["models"][0]["pid"])
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:

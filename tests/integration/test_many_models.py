@@ -5,21 +5,26 @@ dies takes no other model with it."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from tests.integration.conftest import MODEL, free_port, start_server
+from tests.gguf_copies import quantize_q8
+from tests.integration.conftest import MODEL, free_port, start_server, wait_for
 from vllm_obtain.contract import EngineConfig
 from vllm_obtain.engines.registry import ENGINES
 from vllm_obtain.weights.catalog import load_catalog, packaged_file
@@ -29,23 +34,6 @@ for _engine in ENGINES.values():
     pytest.importorskip(_engine.package, reason=f"needs every engine: {_engine.install_hint}")
 
 Q8, HF, MLX = "smollm2-q8_0", "smollm2-hf", "smollm2-mlx"
-
-
-def quantize_q8(source: Path, target: Path) -> None:
-    """A second real GGUF: llama.cpp's own quantizer, through llama-cpp-python, in a child
-    (it prints every tensor)."""
-    script = (
-        "import sys, llama_cpp\n"
-        "p = llama_cpp.llama_model_quantize_default_params()\n"
-        "p.ftype, p.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True\n"
-        "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))"
-    )
-    subprocess.run(
-        [sys.executable, "-c", script, str(source), str(target)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def embedded_gguf() -> Path:
@@ -83,6 +71,27 @@ def server(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iter
         yield url
 
 
+@pytest.fixture(scope="module")
+def gguf_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A real GGUF (a Q8_0 copy of the embedded model) on a web server on 127.0.0.1: its URL
+    and sha256."""
+    folder = tmp_path_factory.mktemp("web")
+    quantize_q8(embedded_gguf(), folder / "Pulled-Q8_0.gguf")
+    digest = hashlib.sha256((folder / "Pulled-Q8_0.gguf").read_bytes()).hexdigest()
+    handler = functools.partial(QuietFiles, directory=str(folder))
+    web = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{web.server_address[1]}/Pulled-Q8_0.gguf", digest
+    finally:
+        web.shutdown()
+
+
+class QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
 def ask(url: str, model: str, content: str = "Say hello.") -> str:
     client = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
     answer = client.chat.completions.create(
@@ -96,15 +105,6 @@ def ask(url: str, model: str, content: str = "Say hello.") -> str:
 def admin(url: str) -> dict[str, dict]:
     listed = httpx.get(f"{url}/admin/models", timeout=10).json()["data"]
     return {model["id"]: model for model in listed}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"not {what} within {timeout:.0f} s")
 
 
 def test_every_installed_model_is_listed_and_only_those_named_at_start_are_loaded(server):
@@ -157,3 +157,36 @@ def test_asking_for_the_evicted_model_again_evicts_the_other(server):
     models = admin(server)
     assert models[Q8]["state"] == "loaded" and models[HF]["state"] == "available"
     assert models[HF]["unloads"] == {"memory": 1}
+
+
+def pull_lines(url: str, body: dict[str, str]) -> list[dict]:
+    with httpx.stream("POST", f"{url}/admin/pull", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        return [json.loads(line) for line in response.iter_lines() if line]
+
+
+def test_a_model_pulled_over_http_is_served_at_once(server, gguf_url):
+    url, digest = gguf_url
+    wrong = pull_lines(server, {"name": url, "sha256": "0" * 64})
+    assert wrong[-1]["status"] == "error" and digest in wrong[-1]["error"]["message"]
+    assert "pulled-q8_0" not in admin(server)
+    lines = pull_lines(server, {"name": url, "sha256": digest})
+    assert lines[0]["status"] == "resolving"
+    assert any(line["status"] == "downloading" and line["completed"] > 0 for line in lines)
+    assert lines[-1] == {"status": "success", "id": "pulled-q8_0"}
+    assert admin(server)["pulled-q8_0"]["state"] == "available"
+    assert ask(server, "pulled-q8_0")
+
+
+def test_ps_shows_what_the_server_has_loaded(server):
+    shown = subprocess.run(
+        [sys.executable, "-m", "vllm_obtain", "ps", "--base-url", server],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    loaded = {name for name, model in admin(server).items() if model["state"] == "loaded"}
+    assert loaded and all(name in shown for name in loaded)
+    assert "never" in shown  # the models named at start stay

@@ -201,3 +201,34 @@ def test_refresh_adds_new_models_and_drops_those_gone():
     installed.clear()
     asyncio.run(models.refresh())
     assert states(models) == {"b": "loaded"}  # a loaded model stays until it is unloaded
+
+
+class SlowUnload(CountedEngine):
+    async def unload(self) -> None:
+        await asyncio.sleep(0.5)
+        await super().unload()
+
+
+def test_a_request_arriving_while_its_model_unloads_waits_and_loads_it_again():
+    log: list[str] = []
+
+    def build() -> ServedModel:
+        return ServedModel(id="a", engine=SlowUnload(log, "a"))
+
+    models = registry(ModelSource("a", "scripted", build), keep_alive=0)
+
+    async def scenario() -> None:
+        await models.load_all()  # the keep-alive watch
+        await use(models, "a")
+        for _ in range(50):
+            if states(models)["a"] == "unloading":
+                break
+            await asyncio.sleep(0.05)
+        assert states(models)["a"] == "unloading"
+        lease = await asyncio.wait_for(models.acquire("a"), 5)
+        assert states(models)["a"] == "loaded"
+        lease.release()
+        await models.unload_all()
+
+    asyncio.run(scenario())
+    assert log[:3] == ["load a", "unload a", "load a"]

@@ -19,7 +19,7 @@ import pytest
 from huggingface_hub import constants
 
 from tests.unit.test_inventory import make_hub_repo
-from vllm_obtain.weights import pull as pull_module
+from vllm_obtain.weights import pull_checks, pull_hub, pull_url
 from vllm_obtain.weights.catalog import packaged_file
 from vllm_obtain.weights.inventory import installed_models
 from vllm_obtain.weights.pull import PullError, PullProgress, pull
@@ -97,8 +97,9 @@ def file_server() -> Iterator[FileServer]:
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pull_module, "RETRY_DELAY_S", 0.01)
-    monkeypatch.setattr(pull_module, "POLL_S", 0.02)
+    monkeypatch.setattr(pull_url, "RETRY_DELAY_S", 0.01)
+    monkeypatch.setattr(pull_checks, "POLL_S", 0.02)
+    monkeypatch.setattr(pull_hub, "POLL_S", 0.02)
 
 
 @pytest.fixture
@@ -201,7 +202,7 @@ def test_a_connection_that_keeps_dropping_fails_and_keeps_the_part_for_later(tmp
     file_server.cuts, file_server.cut_at = 100, 0.0
     with pytest.raises(PullError, match="run pull again to resume from byte 1000"):
         pull(file_server.url, **dirs(tmp_path))
-    assert file_server.ranges == ["bytes=1000-"] * (pull_module.URL_RETRIES + 1)
+    assert file_server.ranges == ["bytes=1000-"] * (pull_url.URL_RETRIES + 1)
     assert partial.read_bytes() == gguf_bytes()[:1000]
     assert not (tmp_path / "models" / GGUF_NAME).exists()
 

@@ -46,7 +46,7 @@ def served(settings: Settings) -> dict[str, tuple[str, str, bool]]:
 def test_the_default_model_is_pinned_and_every_installed_model_is_servable(models):
     settings = Settings(models_dir=models, cache_dir=models.parent / "cache")
     assert served(settings) == {
-        "smollm2-135m-instruct": ("llama.cpp", "alias", True),
+        "smollm2-135m-instruct": ("llama.cpp", "gguf", True),
         "copy.q4_1": ("llama.cpp", "gguf", False),
         "tiny-hf": ("vllm", "hf", False),
     }
@@ -59,7 +59,7 @@ def test_models_named_at_start_are_pinned_each_on_the_engine_asked_for(models):
     found = served(settings)
     assert found["copy.q4_1"] == ("llama.cpp", "gguf", True)
     assert found["tiny-hf"] == ("mlx", "hf", True)
-    assert found["smollm2-135m-instruct"] == ("llama.cpp", "alias", False)
+    assert found["smollm2-135m-instruct"] == ("llama.cpp", "gguf", False)
 
 
 def test_a_renamed_first_model_is_not_also_served_under_its_file_name(models):

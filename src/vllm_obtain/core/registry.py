@@ -156,7 +156,10 @@ class ModelEntry:
     last_used: float = field(default_factory=time.monotonic)
     loads: int = 0
     unloads: Counter[str] = field(default_factory=Counter)  # by reason
-    transition: asyncio.Task[None] | None = None  # a load or an unload under way
+    loading: asyncio.Task[None] | None = None  # its load, while under way
+    unloaded: asyncio.Event = field(
+        default_factory=lambda: _set(asyncio.Event())
+    )  # set: not unloading
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "vllm-obtain"
 
@@ -272,7 +275,7 @@ class ModelRegistry:
             self.add_source(source)
         for model_id, entry in list(self._entries.items()):
             gone = model_id not in found and not entry.source.pinned
-            if gone and entry.state in ("available", "failed") and entry.transition is None:
+            if gone and entry.state in ("available", "failed") and entry.loading is None:
                 del self._entries[model_id]
 
     def entries(self) -> list[ModelEntry]:
@@ -324,32 +327,33 @@ class ModelRegistry:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def acquire(self, model_id: str) -> Lease:
-        """Hold `model_id` for a request, loading it first if need be (the request waits)."""
+    async def acquire(self, model_id: str, *, why: str = "a request named it") -> Lease:
+        """Hold `model_id` for a request, loading it first if need be (the request waits);
+        `why` it is loaded goes to the log."""
         while True:
             entry = await self.find(model_id)
-            if entry.state == "unloading" and entry.transition is not None:
-                await asyncio.shield(entry.transition)
+            if entry.state == "unloading":  # no new request for it: it loads again afterwards
+                await entry.unloaded.wait()
                 continue
             entry.leases += 1
             try:
-                model = await self._loaded(entry)
+                model = await self._loaded(entry, why)
             except BaseException:
                 self._released(entry)
                 raise
             return Lease(self, entry, model)
 
-    async def _loaded(self, entry: ModelEntry) -> ServedModel:
+    async def _loaded(self, entry: ModelEntry, why: str) -> ServedModel:
         while True:
             served = entry.served
             if entry.state in ("loaded", "unloading") and served is not None:
                 return served
-            if entry.transition is None:
-                entry.transition = asyncio.create_task(self._load(entry))
-            transition = entry.transition
+            if entry.loading is None:
+                entry.loading = asyncio.create_task(self._load(entry, why))
+            loading = entry.loading
             with contextlib.suppress(Exception):  # the entry's state and error say it
-                await asyncio.shield(transition)
-            if entry.state == "failed" and entry.transition is None:
+                await asyncio.shield(loading)
+            if entry.state == "failed" and entry.loading is None:
                 if isinstance(entry.failure, ModelTooLargeError):
                     raise entry.failure  # a 400: no retry makes it fit
                 raise EngineUnavailableError(
@@ -365,9 +369,9 @@ class ModelRegistry:
 
     async def load(self, model_id: str) -> None:
         """Load a model now (POST /admin/models/{id}/load): it then idles like any other."""
-        (await self.acquire(model_id)).release()
+        (await self.acquire(model_id, why="asked to")).release()
 
-    async def _load(self, entry: ModelEntry) -> None:
+    async def _load(self, entry: ModelEntry, why: str) -> None:
         try:
             await self._make_room(entry)
             started = time.perf_counter()
@@ -378,16 +382,17 @@ class ModelRegistry:
             await self._failed(entry, exc)
             raise
         finally:
-            entry.transition = None
+            entry.loading = None
         entry.state, entry.error, entry.failure = "loaded", None, None
         entry.loads += 1
         entry.last_used = time.monotonic()
         memory = entry.memory_bytes
         logger.info(
-            "loaded {} on {} in {:.1f}s ({}; estimated {:.2f} GiB)",
+            "loaded {} on {} in {:.1f}s ({}; {}; estimated {:.2f} GiB)",
             entry.id,
             served.engine.name,
             time.perf_counter() - started,
+            why,
             "memory unknown" if memory is None else f"holds {memory / GIB:.2f} GiB",
             entry.source.estimated_bytes / GIB,
         )
@@ -417,9 +422,7 @@ class ModelRegistry:
                     "memory budget; retry when they are idle.",
                     retry_after=10,
                 )
-            self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), min(left, RESIDENCY_TICK_SECONDS))
+            await self._change(within=min(left, RESIDENCY_TICK_SECONDS))
 
     async def _failed(self, entry: ModelEntry, exc: BaseException) -> None:
         served, entry.served = entry.served, None
@@ -435,43 +438,57 @@ class ModelRegistry:
             logger.opt(exception=exc).error("{} failed to load: {}", entry.id, exc)
 
     async def unload(self, model_id: str, *, reason: str = "admin") -> None:
-        """Unload a model once the requests using it have finished."""
+        """Unload a model once the requests using it have finished; new requests for it wait
+        meanwhile, then load it again."""
         entry = await self.find(model_id)
-        while entry.transition is not None:
+        while entry.loading is not None:
             with contextlib.suppress(Exception):
-                await asyncio.shield(entry.transition)
+                await asyncio.shield(entry.loading)
         if entry.state != "loaded":
             return
-        entry.state = "unloading"
-        entry.transition = asyncio.current_task()
+        self._begin_unloading(entry)
         try:
             while entry.busy:
-                self._changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), RESIDENCY_TICK_SECONDS)
+                await self._change(within=RESIDENCY_TICK_SECONDS)
             async with self._room:
                 await self._unload(entry, reason=reason)
         finally:
-            entry.transition = None
+            entry.unloaded.set()
+
+    def _begin_unloading(self, entry: ModelEntry) -> None:
+        entry.state = "unloading"
+        entry.unloaded.clear()
 
     async def _unload(self, entry: ModelEntry, *, reason: str) -> None:
         served = entry.served
-        entry.state = "unloading"
+        self._begin_unloading(entry)
         memory = entry.memory_bytes
-        if served is not None:
-            await served.engine.unload()
-        entry.served, entry.state = None, "available"
+        try:
+            if served is not None:
+                await served.engine.unload()
+        finally:
+            entry.served, entry.state = None, "available"
+            entry.unloaded.set()
         entry.unloads[reason] += 1
         self._changed.set()
         held = "" if memory is None else f", freeing {memory / GIB:.2f} GiB"
         logger.info("unloaded {} ({}{})", entry.id, _UNLOAD_REASONS.get(reason, reason), held)
 
+    async def _change(self, *, within: float) -> None:
+        """Wait until a model becomes idle or is unloaded, or `within` seconds pass."""
+        self._changed.clear()
+        waiter = asyncio.ensure_future(self._changed.wait())
+        try:
+            # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that
+            # meets the event being set, and the server's shutdown would wait for ever.
+            await asyncio.wait({waiter}, timeout=within)
+        finally:
+            waiter.cancel()
+
     async def _keep_alive(self) -> None:
         """Unload models idle past the keep-alive."""
         while True:
-            self._changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), RESIDENCY_TICK_SECONDS)
+            await self._change(within=RESIDENCY_TICK_SECONDS)
             loaded = [e.resident() for e in self._entries.values() if e.state == "loaded"]
             now = time.monotonic()
             for model_id in expired(loaded, now=now, keep_alive=self.policy.keep_alive):
@@ -493,7 +510,7 @@ class ModelRegistry:
             if entry.source.pinned and entry.state in ("available", "failed"):
                 entry.leases += 1
                 try:
-                    await self._loaded(entry)
+                    await self._loaded(entry, "named at start")
                 finally:
                     self._released(entry)
 
@@ -504,16 +521,21 @@ class ModelRegistry:
                 await self._keeper
             self._keeper = None
         for entry in self._entries.values():
-            if entry.transition is not None and entry.transition is not asyncio.current_task():
-                entry.transition.cancel()
+            if entry.loading is not None:
+                entry.loading.cancel()
                 with contextlib.suppress(BaseException):
-                    await entry.transition
+                    await entry.loading
             # Every engine, loaded or not: one interrupted mid-load may hold a process already.
             if entry.served is not None:
                 await entry.served.engine.unload()
                 entry.served.info = None
                 entry.served = None
             entry.state = "available"
+
+
+def _set(event: asyncio.Event) -> asyncio.Event:
+    event.set()
+    return event
 
 
 _UNLOAD_REASONS = {
