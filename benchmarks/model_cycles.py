@@ -36,7 +36,10 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from repeat_prompt import first_token_time
+
 from tests.gguf_copies import quantize_q8
+from vllm_obtain.runtime.supervisor import resident_bytes
 
 MODEL = "smollm2-135m-instruct"
 Q8 = "smollm2-q8_0"  # the file stem, lower-cased: the id the server gives the copy
@@ -139,19 +142,7 @@ def first_token_seconds(http: httpx.Client, model: str) -> float:
     """From sending a streamed chat request to its first non-empty content delta (the stream
     is read to its end, so the next request finds the model idle)."""
     body = {"model": model, "messages": PROMPT, "max_tokens": 16, "temperature": 0, "stream": True}
-    started, first = time.perf_counter(), None
-    with http.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            choices = json.loads(line[6:]).get("choices") or []
-            piece = choices[0].get("delta", {}).get("content") if choices else None
-            if piece and first is None:
-                first = time.perf_counter() - started
-    if first is None:
-        raise RuntimeError(f"{model}: no content came back")
-    return first
+    return first_token_time(http, "", body)[0]
 
 
 def admin_entry(http: httpx.Client, model: str) -> dict[str, Any]:
@@ -214,7 +205,7 @@ def one_cycle(http: httpx.Client, pid: int, findings: Findings, n: int) -> dict[
         "load_s": round(load_s, 3),
         "unload_s": round(unload_s, 3),
         "ttft_after_load_ms": round(ttft * 1000, 1),
-        "tree_rss_mib": round(rss(tree(pid)) / MIB, 1),
+        "tree_rss_mib": round(resident_bytes(pid) / MIB, 1),
         "server_rss_mib": round(server.memory_info().rss / MIB, 1),
         "worker_rss_mib": round(worker_rss / MIB, 1),
         "memory_bytes_mib": mib_or_none(loaded["memory_bytes"]),
@@ -248,7 +239,7 @@ def run(server: Server, rounds: int, cycles: int) -> dict[str, Any]:
         first_token_seconds(http, MODEL)  # warm the pinned model; the Q8 one stays unloaded
         time.sleep(1)
         baseline = {
-            "tree_rss_mib": round(rss(tree(pid)) / MIB, 1),
+            "tree_rss_mib": round(resident_bytes(pid) / MIB, 1),
             "server_rss_mib": round(psutil.Process(pid).memory_info().rss / MIB, 1),
         }
         findings.check(admin_entry(http, Q8)["state"] == "available", "Q8 not 'available' first")

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
-from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.core.registry import ModelRegistry
+from vllm_obtain.core.served_model import ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
 from vllm_obtain.wiring import api_config
 

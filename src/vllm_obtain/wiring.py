@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from loguru import logger
@@ -21,9 +21,10 @@ from vllm_obtain.api.admin import ModelPuller
 from vllm_obtain.api.app import ApiConfig, create_app
 from vllm_obtain.contract import Embedder, Engine, EngineConfig, EngineNotInstalledError
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
-from vllm_obtain.core.registry import ModelRegistry, ModelSource, ServedModel, ServingLimits
+from vllm_obtain.core.registry import ModelRegistry, ModelSource
 from vllm_obtain.core.residency import ResidencyPolicy
 from vllm_obtain.core.response_store import ResponseStore
+from vllm_obtain.core.served_model import ServedModel, ServingLimits
 from vllm_obtain.engines.registry import (
     EMBEDDING_ENGINE,
     ENGINE_NAMES,
@@ -247,18 +248,20 @@ def model_source(
             return gguf_to_hf(model.path, settings.cache_dir)
         return model.path
 
+    config = model_engine_config(settings, info, engine)
+
     def build() -> ServedModel:
         return ServedModel(
             id=model.id,
-            engine=isolated_engine(engine, weights(), settings),
-            chat_template=_read_template(settings.chat_template),
+            engine=isolated_engine(engine, weights(), settings, config),
+            # --chat-template is for the models named at start, not whatever else loads.
+            chat_template=_read_template(settings.chat_template) if pinned else None,
             limits=limits_from(settings),
         )
 
     estimate = 0
     if model.path.exists():
         gpu = memory_capacity(info) if info.has_cuda_or_rocm else None
-        config = engine_config(settings)
         estimate = estimate_footprint(
             model.path, engine=engine, config=config, gpu_memory=gpu
         ).total
@@ -271,6 +274,21 @@ def model_source(
         estimated_bytes=estimate,
         pinned=pinned,
     )
+
+
+def model_engine_config(settings: Settings, info: PlatformInfo, engine: str) -> EngineConfig:
+    """The settings' engine configuration, for one model: vLLM on a GPU takes the memory
+    budget's share of it (its own default, 90 %, would exceed the default budget), unless
+    --vllm-arg gpu_memory_utilization says otherwise."""
+    config = engine_config(settings)
+    if engine != "vllm" or not info.has_cuda_or_rocm:
+        return config
+    if "gpu_memory_utilization" in config.vllm_args:
+        return config
+    capacity = memory_capacity(info)
+    share = min(budget_bytes(settings.memory_budget, capacity=capacity) / capacity, 0.95)
+    vllm_args = {**config.vllm_args, "gpu_memory_utilization": round(share, 4)}
+    return dataclasses.replace(config, vllm_args=vllm_args)
 
 
 def model_puller(settings: Settings) -> ModelPuller:
@@ -306,13 +324,16 @@ def split_engine(spec: str, default: str) -> tuple[str, str]:
     return spec, default
 
 
-def isolated_engine(name: str, model_path: Path, settings: Settings) -> Engine:
+def isolated_engine(
+    name: str, model_path: Path, settings: Settings, config: EngineConfig | None = None
+) -> Engine:
     """The engine in a child process the server restarts after a crash (the default), or in
     this process when isolation is off."""
+    config = config or engine_config(settings)
     if settings.engine_isolation == "none":
-        return build_engine(name, model_path, engine_config(settings))
+        return build_engine(name, model_path, config)
     return SupervisedEngine(
-        _start("generate", name, model_path, settings),
+        Start("generate", name, model_path, config, settings.effective_log_level),
         hang_timeout=settings.engine_hang_timeout,
         max_restarts=settings.engine_max_restarts,
     )
@@ -333,7 +354,13 @@ def build_embedding_models(settings: Settings) -> EmbeddingModels:
     def make_embedder(path: Path) -> Embedder:
         if settings.engine_isolation == "process":  # as the chat model: a crash is survived
             return SupervisedEmbedder(
-                _start("embed", EMBEDDING_ENGINE, path, settings),
+                Start(
+                    "embed",
+                    EMBEDDING_ENGINE,
+                    path,
+                    engine_config(settings),
+                    settings.effective_log_level,
+                ),
                 hang_timeout=settings.engine_hang_timeout,
                 max_restarts=settings.engine_max_restarts,
             )
@@ -345,12 +372,6 @@ def build_embedding_models(settings: Settings) -> EmbeddingModels:
     return EmbeddingModels(
         [ServedEmbedder(model_id, weights, make_embedder, engine_name=EMBEDDING_ENGINE)]
     )
-
-
-def _start(
-    role: Literal["generate", "embed"], engine: str, model_path: Path, settings: Settings
-) -> Start:
-    return Start(role, engine, model_path, engine_config(settings), settings.effective_log_level)
 
 
 def _read_template(value: str | None) -> str | None:

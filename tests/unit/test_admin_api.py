@@ -10,8 +10,9 @@ from typing import Any
 from tests.api_helpers import ReadyTestClient, assert_error
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
-from vllm_obtain.core.registry import ModelRegistry, ModelSource, ServedModel
+from vllm_obtain.core.registry import ModelRegistry, ModelSource
 from vllm_obtain.core.residency import GIB, ResidencyPolicy
+from vllm_obtain.core.served_model import ServedModel
 from vllm_obtain.settings import Settings
 from vllm_obtain.wiring import api_config
 

@@ -19,7 +19,8 @@ from tests.api_helpers import (
 )
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
-from vllm_obtain.core.registry import ModelRegistry, ServedModel
+from vllm_obtain.core.registry import ModelRegistry
+from vllm_obtain.core.served_model import ServedModel
 from vllm_obtain.settings import Settings
 from vllm_obtain.wiring import api_config
 

@@ -16,17 +16,10 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 from tests.unit.test_inventory import make_hub_repo
-from vllm_obtain.cli import (
-    build_parser,
-    export_for_reloader,
-    human_bytes,
-    main,
-    parse_engine_arg,
-    settings_from,
-    until,
-    with_default_command,
-)
+from vllm_obtain.cli import build_parser, export_for_reloader, main, with_default_command
+from vllm_obtain.cli_flags import parse_engine_arg, settings_from
 from vllm_obtain.hardware import choose_engine, detect_platform
+from vllm_obtain.model_commands import human_bytes, until
 from vllm_obtain.settings import Settings, flag_of
 from vllm_obtain.wiring import RELOADER_OVERRIDES_ENV, reloader_settings
 

@@ -12,7 +12,8 @@ from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
 from vllm_obtain.contract import EmbeddingModelInfo, EngineState
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
-from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.core.registry import ModelRegistry
+from vllm_obtain.core.served_model import ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
 from vllm_obtain.wiring import api_config
 

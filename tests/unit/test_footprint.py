@@ -73,9 +73,10 @@ def test_a_hugging_face_folder_is_read_from_its_config(tmp_path):
     (tmp_path / "README.md").write_text("not weights")
     shape = hf_shape(tmp_path)
     assert shape is not None and (shape.kv_heads, shape.head_dim) == (2, 64)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\0" * MIB)  # an older copy, not loaded
     mlx = estimate_footprint(tmp_path, engine="mlx", config=EngineConfig(max_batch=4))
     assert mlx.weights == MIB
-    assert mlx.kv_cache == 8192 * shape.kv_bytes_per_token  # the context, at least
+    assert mlx.kv_cache == 32768 * shape.kv_bytes_per_token  # one sequence at full context
 
 
 def test_weights_without_metadata_still_count_their_size(tmp_path):
@@ -83,3 +84,12 @@ def test_weights_without_metadata_still_count_their_size(tmp_path):
     blob.write_bytes(b"not a gguf at all")
     footprint = estimate_footprint(blob, engine="llama.cpp", config=EngineConfig())
     assert footprint.weights == blob.stat().st_size and footprint.kv_cache == 0
+
+
+def test_the_llama_cpp_defaults_counted_are_the_engines_own():
+    pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed")
+    from vllm_obtain.engines.llama_cpp import engine
+    from vllm_obtain.weights import footprint
+
+    assert footprint.LLAMA_CPP_MAX_CONTEXT == engine.DEFAULT_MAX_CONTEXT
+    assert footprint.LLAMA_CPP_MAX_KV_TOKENS == engine.DEFAULT_MAX_KV_TOKENS

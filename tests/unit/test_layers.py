@@ -34,7 +34,12 @@ ALLOWED: dict[str, set[str]] = {
     "wiring": {
         "api", "core", "contract", "engines", "hardware", "logs", "runtime", "settings", "weights",
     },
-    "cli": {"contract", "core", "engines", "hardware", "settings", "weights", "wiring", "bench"},
+    "cli_flags": {"settings"},
+    "model_commands": {"cli_flags", "contract", "hardware", "settings", "weights"},
+    "cli": {
+        "contract", "core", "engines", "hardware", "settings", "weights", "wiring", "bench",
+        "cli_flags", "model_commands",
+    },
     "__main__": {"cli"},
     "": set(),
 }  # fmt: skip

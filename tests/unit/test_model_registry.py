@@ -10,8 +10,9 @@ import pytest
 
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.contract import EngineUnavailableError
-from vllm_obtain.core.registry import ModelRegistry, ModelSource, ServedModel, UnknownModelError
+from vllm_obtain.core.registry import ModelRegistry, ModelSource, UnknownModelError
 from vllm_obtain.core.residency import GIB, ModelTooLargeError, ResidencyPolicy
+from vllm_obtain.core.served_model import ServedModel
 
 
 class CountedEngine(ScriptedEngine):
@@ -156,13 +157,6 @@ def test_pinned_models_stay_whatever_the_keep_alive():
     asyncio.run(scenario())
 
 
-def test_a_model_too_large_for_the_budget_is_refused():
-    models = registry(source("big", [], 9), memory_budget=8 * GIB)
-    with pytest.raises(ModelTooLargeError, match="big"):
-        asyncio.run(models.acquire("big"))
-    assert states(models) == {"big": "failed"}
-
-
 def test_a_failed_load_is_reported_and_the_next_request_tries_again():
     log: list[str] = []
     attempts = iter([True, False])
@@ -195,11 +189,11 @@ def test_refresh_adds_new_models_and_drops_those_gone():
     installed = [source("a", log)]
     models = ModelRegistry(sources=installed, discover=lambda: list(installed))
     installed[:] = [source("b", log)]
-    asyncio.run(models.refresh())
+    asyncio.run(models.refresh(force=True))
     assert states(models) == {"b": "available"}
     asyncio.run(use(models, "b"))
     installed.clear()
-    asyncio.run(models.refresh())
+    asyncio.run(models.refresh(force=True))
     assert states(models) == {"b": "loaded"}  # a loaded model stays until it is unloaded
 
 
@@ -232,3 +226,116 @@ def test_a_request_arriving_while_its_model_unloads_waits_and_loads_it_again():
 
     asyncio.run(scenario())
     assert log[:3] == ["load a", "unload a", "load a"]
+
+
+def test_the_models_unloaded_to_make_room_take_no_new_request_meanwhile():
+    log: list[str] = []
+
+    def slow(name: str) -> ModelSource:
+        def build() -> ServedModel:
+            return ServedModel(id=name, engine=SlowUnload(log, name))
+
+        return ModelSource(name, "scripted", build, estimated_bytes=2 * GIB)
+
+    models = registry(slow("a"), slow("b"), source("c", log, 4), memory_budget=5 * GIB)
+
+    async def scenario() -> None:
+        await use(models, "a")
+        await use(models, "b")
+        loading_c = asyncio.create_task(use(models, "c"))
+        await asyncio.sleep(0.2)  # a is unloading; b waits its turn, marked already
+        assert states(models)["b"] == "unloading"
+        b_again = asyncio.create_task(models.acquire("b"))
+        await asyncio.wait_for(loading_c, 10)
+        (await asyncio.wait_for(b_again, 10)).release()
+
+    asyncio.run(scenario())
+    assert log[:5] == ["load a", "load b", "unload a", "unload b", "load c"]
+    assert "load b" in log[5:]  # b loaded again for the request that waited
+
+
+def test_an_unload_stopped_before_it_began_leaves_the_model_loaded_and_usable():
+    log: list[str] = []
+    models = registry(source("a", log))
+
+    async def scenario() -> None:
+        lease = await models.acquire("a")
+        unloading = asyncio.create_task(models.unload("a"))
+        await asyncio.sleep(0.1)
+        unloading.cancel()
+        await asyncio.gather(unloading, return_exceptions=True)
+        lease.release()
+        assert states(models) == {"a": "loaded"}
+        await asyncio.wait_for(use(models, "a"), 2)
+
+    asyncio.run(scenario())
+    assert log == ["load a"]
+
+
+class FailingUnload(CountedEngine):
+    async def unload(self) -> None:
+        raise RuntimeError("the worker would not stop")
+
+
+def test_an_engine_that_fails_to_unload_stops_neither_keep_alive_nor_shutdown():
+    log: list[str] = []
+
+    def failing() -> ServedModel:
+        return ServedModel(id="bad", engine=FailingUnload(log, "bad"))
+
+    models = registry(ModelSource("bad", "scripted", failing), source("b", log), keep_alive=0)
+
+    async def scenario() -> None:
+        await models.load_all()
+        await use(models, "bad")
+        await use(models, "b")
+        for _ in range(50):
+            if states(models) == {"bad": "available", "b": "available"}:
+                break
+            await asyncio.sleep(0.1)
+        await models.unload_all()
+
+    asyncio.run(scenario())
+    assert states(models) == {"bad": "available", "b": "available"}
+    assert "unload b" in log
+
+
+def test_unloading_a_model_named_at_start_makes_it_one_loaded_on_demand():
+    log: list[str] = []
+    models = ModelRegistry([ServedModel(id="p", engine=CountedEngine(log, "p"))])
+
+    async def scenario() -> None:
+        await models.load_all()
+        await models.unload("p")
+        assert models.status()[0].pinned is False and states(models) == {"p": "available"}
+        await use(models, "p")
+        await models.unload_all()
+
+    asyncio.run(scenario())
+    assert log == ["load p", "unload p", "load p", "unload p"]
+
+
+def test_a_model_too_large_stays_available_rather_than_failed():
+    models = registry(source("big", [], 9), memory_budget=8 * GIB)
+    with pytest.raises(ModelTooLargeError):
+        asyncio.run(models.acquire("big"))
+    (status,) = models.status()
+    assert status.state == "available" and "9.0 GiB" in (status.error or "")
+
+
+def test_a_load_waiting_for_room_is_dropped_when_its_requests_leave():
+    log: list[str] = []
+    models = registry(source("a", log, 3), source("b", log, 3), memory_budget=4 * GIB)
+
+    async def scenario() -> None:
+        held = await models.acquire("a")
+        waiting = asyncio.create_task(models.acquire("b"))
+        await asyncio.sleep(0.2)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await asyncio.sleep(1.5)  # the load notices within a tick
+        held.release()
+        await asyncio.sleep(1.5)
+
+    asyncio.run(scenario())
+    assert log == ["load a"] and states(models) == {"a": "loaded", "b": "available"}

@@ -24,7 +24,7 @@ from tests.api_helpers import (
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.access import key_matches
 from vllm_obtain.api.health import overall_status
-from vllm_obtain.core.registry import ServingLimits
+from vllm_obtain.core.served_model import ServingLimits
 from vllm_obtain.settings import Settings
 
 KEYS = Settings(api_keys=["sk-first", "sk-second"])

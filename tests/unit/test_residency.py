@@ -60,3 +60,17 @@ def test_keep_alive_expires_idle_unpinned_models_only():
     assert expires_at(residents[1], 300) == 550
     assert expires_at(residents[2], 300) is None
     assert expires_at(residents[3], 300) is None
+
+
+def test_models_named_at_start_stay_so_a_model_that_cannot_fit_beside_them_is_refused_at_once():
+    pinned = [resident("start", 5, used=0, pinned=True)]
+    with pytest.raises(ModelTooLargeError, match=r"beside the models named at start \(5\.0 GiB"):
+        room_for("big", 4 * GIB, pinned, ResidencyPolicy(8 * GIB))
+    with pytest.raises(ModelTooLargeError, match="take all of --max-loaded-models 1"):
+        room_for("other", GIB, pinned, ResidencyPolicy(None, max_loaded=1))
+
+
+def test_nothing_is_unloaded_for_a_load_that_must_wait_anyway():
+    residents = [resident("busy", 6, used=0, busy=True), resident("idle", 2, used=0)]
+    room = room_for("c", 5 * GIB, residents, ResidencyPolicy(10 * GIB))
+    assert not room.fits and room.evict == ()

@@ -15,8 +15,9 @@ from tests.api_helpers import MODEL, ReadyTestClient, assert_error, uvicorn_thre
 from tests.openai_schema import schema_errors, spec_available
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.app import create_app
-from vllm_obtain.core.registry import ModelRegistry, ServedModel, ServingLimits
+from vllm_obtain.core.registry import ModelRegistry
 from vllm_obtain.core.response_store import ResponseStore
+from vllm_obtain.core.served_model import ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
 from vllm_obtain.wiring import api_config
 

@@ -4,16 +4,20 @@ unloading them by hand, and fetching new ones (behind the API key when keys are 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from loguru import logger
 from pydantic import BaseModel, Field
 
-from vllm_obtain.api.errors import InvalidRequestError, OpenAIError
+from vllm_obtain.api.errors import InvalidRequestError
 from vllm_obtain.api.request_scope import registry_of
 from vllm_obtain.core.registry import ModelStatus
 
@@ -74,40 +78,53 @@ async def pull(body: PullRequest, request: Request) -> StreamingResponse:
     return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
+@dataclass(frozen=True)
+class _Pulled:
+    """How a pull ended: the id it is served under, or why not."""
+
+    model_id: str = ""
+    error: Exception | None = None
+
+
 async def _pull_lines(
     request: Request, puller: ModelPuller, body: PullRequest
 ) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    queue: asyncio.Queue[dict[str, Any] | _Pulled] = asyncio.Queue()
     last_sent: dict[str, float] = {}
+
+    def hand_over(item: dict[str, Any] | _Pulled) -> None:
+        with contextlib.suppress(RuntimeError):  # the server has stopped meanwhile
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def report(progress: dict[str, Any]) -> None:
         # From the download's thread: throttled, then handed to the event loop.
         now, key = time.monotonic(), f"{progress.get('status')}:{progress.get('file')}"
-        finished = progress.get("total") is not None and progress.get("completed") == progress.get(
-            "total"
-        )
-        if not finished and now - last_sent.get(key, 0.0) < PROGRESS_INTERVAL_SECONDS:
-            return
-        last_sent[key] = now
-        loop.call_soon_threadsafe(queue.put_nowait, progress)
+        total = progress.get("total")
+        finished = total is not None and progress.get("completed") == total
+        if finished or now - last_sent.get(key, 0.0) >= PROGRESS_INTERVAL_SECONDS:
+            last_sent[key] = now
+            hand_over(progress)
 
-    task = asyncio.ensure_future(asyncio.to_thread(puller, body.name, body.sha256, report))
-    while not task.done() or not queue.empty():
-        getter = asyncio.ensure_future(queue.get())
-        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            yield _line(getter.result())
-        else:
-            getter.cancel()
-    try:
-        model_id = task.result()
-    except Exception as exc:  # the client reads the failure from the stream's last line
-        error = OpenAIError(str(exc)) if not isinstance(exc, OpenAIError) else exc
-        yield _line({"status": "error", "error": {"message": error.message, "type": "pull_error"}})
+    def download() -> None:
+        try:
+            hand_over(_Pulled(model_id=puller(body.name, body.sha256, report)))
+        except Exception as exc:  # the client reads it from the stream's last line
+            hand_over(_Pulled(error=exc))
+
+    # A thread of its own, not the default executor's: a download may take an hour, and loads
+    # and model scans need that pool meanwhile. A client that leaves does not stop it.
+    threading.Thread(target=download, name=f"pull {body.name}", daemon=True).start()
+    while not isinstance(item := await queue.get(), _Pulled):
+        yield _line(item)
+    if item.error is not None:
+        logger.warning("pulling {} failed: {}", body.name, item.error)
+        error = {"message": str(item.error), "type": "pull_error"}
+        yield _line({"status": "error", "error": error})
         return
-    await registry_of(request).refresh()
-    yield _line({"status": "success", "id": model_id})
+    await registry_of(request).refresh(force=True)
+    logger.info("pulled {}: served as {}", body.name, item.model_id)
+    yield _line({"status": "success", "id": item.model_id})
 
 
 def _line(item: dict[str, Any]) -> bytes:

@@ -19,8 +19,9 @@ from vllm_obtain.api.protocol import ErrorBody, ErrorResponse
 from vllm_obtain.contract import EngineError, EngineRequestError, EngineUnavailableError
 from vllm_obtain.core.generation import GenerationTimeoutError
 from vllm_obtain.core.planning import ParamError
-from vllm_obtain.core.registry import QueueFullError, UnknownModelError
+from vllm_obtain.core.registry import UnknownModelError
 from vllm_obtain.core.residency import ModelTooLargeError
+from vllm_obtain.core.served_model import QueueFullError
 from vllm_obtain.core.templates import ChatTemplateError
 
 

@@ -14,7 +14,8 @@ from vllm_obtain.api.middleware import ON_RESPONSE_END
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.generation import Deltas, run_plan
 from vllm_obtain.core.planning import Plan
-from vllm_obtain.core.registry import ModelRegistry, ServedModel, UnknownModelError
+from vllm_obtain.core.registry import ModelRegistry, UnknownModelError
+from vllm_obtain.core.served_model import ServedModel
 
 
 def registry_of(request: Request) -> ModelRegistry:
@@ -57,9 +58,8 @@ def when_response_ends(request: Request, callback: Callable[[], None]) -> None:
     """Call `callback` once the response has been sent, a stream's last event included
     (RequestContextMiddleware runs them)."""
     callbacks: list[Callable[[], None]] | None = getattr(request.state, ON_RESPONSE_END, None)
-    if callbacks is None:  # an app mounted without the middleware: nothing would run it
-        callbacks = []
-        setattr(request.state, ON_RESPONSE_END, callbacks)
+    if callbacks is None:  # without it, a model's lease would never be given back
+        raise RuntimeError("the app serves requests without RequestContextMiddleware")
     callbacks.append(callback)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from vllm_obtain.contract import Engine, FinishReason, GenerationRequest, TokenLogprob
 from vllm_obtain.core.planning import Plan
-from vllm_obtain.core.registry import ServedModel
+from vllm_obtain.core.served_model import ServedModel
 from vllm_obtain.core.textstream import TextStream
 
 

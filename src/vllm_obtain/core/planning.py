@@ -20,7 +20,7 @@ from vllm_obtain.contract import (
     JsonOutput,
     SamplingParams,
 )
-from vllm_obtain.core.registry import ServedModel
+from vllm_obtain.core.served_model import ServedModel
 from vllm_obtain.core.tools import ToolUse
 
 # The SamplingParams fields an engine must implement when a request sets them.

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from loguru import logger
 
-from vllm_obtain.contract import Engine, EngineState, EngineUnavailableError, ModelInfo
+from vllm_obtain.contract import EngineState, EngineUnavailableError
 from vllm_obtain.core.residency import (
     GIB,
     ModelTooLargeError,
@@ -29,14 +30,15 @@ from vllm_obtain.core.residency import (
     expires_at,
     room_for,
 )
-from vllm_obtain.core.templates import ChatTemplateError, render_chat_prompt
-from vllm_obtain.core.tools import messages_with_tools, plain_messages, template_renders_tools
+from vllm_obtain.core.served_model import ServedModel
 
 # available: servable, not loaded; loading; loaded; unloading; failed: its last load failed
 # (the next request tries again).
 ModelState = Literal["available", "loading", "loaded", "unloading", "failed"]
 # How often keep-alive is checked, and a loader waiting for busy models re-checks the room.
 RESIDENCY_TICK_SECONDS = 1.0
+# /v1/models and requests naming an unknown model look for new models; not more often than this.
+REFRESH_SECONDS = 2.0
 
 
 class UnknownModelError(LookupError):
@@ -45,88 +47,6 @@ class UnknownModelError(LookupError):
     def __init__(self, model_id: str) -> None:
         super().__init__(f"The model '{model_id}' does not exist or is not served here.")
         self.model_id = model_id
-
-
-class QueueFullError(RuntimeError):
-    """More requests than the model runs and queues at once: the client should retry (429)."""
-
-    def __init__(self, model_id: str, retry_after: int = 2) -> None:
-        super().__init__(
-            f"The model '{model_id}' is at capacity: too many requests are waiting. "
-            "Retry after a short wait."
-        )
-        self.retry_after = retry_after
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """What one model accepts; 0 means 'as far as the context goes'."""
-
-    max_queue: int = 256  # sequences that may wait beyond those the engine runs at once
-    request_timeout: float = 600.0  # seconds, queueing included
-    max_prompt_tokens: int = 0
-    max_tokens: int = 0
-
-
-@dataclass
-class ServedModel:
-    id: str
-    engine: Engine
-    info: ModelInfo | None = None
-    created: int = field(default_factory=lambda: int(time.time()))
-    owned_by: str = "vllm-obtain"
-    chat_template: str | None = None  # replaces the model's own (--chat-template)
-    limits: ServingLimits = field(default_factory=ServingLimits)
-    in_flight: int = 0  # sequences admitted and not finished, running or waiting
-    load_error: str | None = None
-
-    @property
-    def state(self) -> EngineState:
-        if self.info is None:
-            return "failed" if self.load_error is not None else "loading"
-        return self.engine.state
-
-    @property
-    def waiting(self) -> int:
-        return max(0, self.in_flight - self.engine.max_running)
-
-    def admit(self, sequences: int) -> None:
-        """Take room for `sequences` more, or refuse: the queue is bounded, not the backlog."""
-        if self.in_flight + sequences > self.engine.max_running + self.limits.max_queue:
-            raise QueueFullError(self.id)
-        self.in_flight += sequences
-
-    def release(self, sequences: int) -> None:
-        self.in_flight -= sequences
-
-    @property
-    def loaded_info(self) -> ModelInfo:
-        if self.info is None:
-            raise RuntimeError(f"model {self.id} is not loaded")
-        return self.info
-
-    async def chat_prompt_tokens(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        tools: Sequence[Mapping[str, Any]] = (),
-    ) -> list[int]:
-        """Render a conversation (and the tools offered) with the model's own chat template
-        and tokenize it."""
-        info = self.loaded_info
-        template = self.chat_template or info.chat_template
-        if template is None:
-            raise ChatTemplateError(
-                f"The model '{self.id}' has no chat template; use /v1/completions, or serve it "
-                "with --chat-template."
-            )
-        if not template_renders_tools(template):
-            messages = messages_with_tools(messages, tools) if tools else plain_messages(messages)
-            tools = ()
-        prompt = render_chat_prompt(
-            template, messages, bos_token=info.bos_token, eos_token=info.eos_token, tools=tools
-        )
-        # The template writes any BOS the model wants itself, as transformers assumes.
-        return await self.engine.tokenize(prompt, add_special=False)
 
 
 @dataclass(frozen=True)
@@ -246,6 +166,8 @@ class ModelRegistry:
         for source in sources:
             self.add_source(source)
         self._discover = discover
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = time.monotonic()  # the sources given were found just now
         self._wait_timeout = wait_timeout
         self._room = asyncio.Lock()  # one decision about memory at a time
         self._changed = asyncio.Event()  # a model became idle or was unloaded
@@ -263,14 +185,27 @@ class ModelRegistry:
         entry = self._entries.get(source.id)
         if entry is None:
             self._entries[source.id] = ModelEntry(source)
-        elif entry.state in ("available", "failed") and not entry.source.pinned:
+        elif (
+            entry.state in ("available", "failed") and not entry.loading and not entry.source.pinned
+        ):
             entry.source = source
 
-    async def refresh(self) -> None:
-        """Pick up what is installed now; a model no longer installed and not loaded goes."""
+    async def refresh(self, *, force: bool = False) -> None:
+        """Pick up what is installed now; a model no longer installed and not loaded goes.
+        One scan at a time, and none within REFRESH_SECONDS of the last unless `force`d."""
         if self._discover is None:
             return
-        found = {source.id: source for source in await asyncio.to_thread(self._discover)}
+        if self._refreshing is None:
+            if not force and time.monotonic() - self._refreshed_at < REFRESH_SECONDS:
+                return
+            self._refreshing = asyncio.ensure_future(self._rediscover(self._discover))
+        await asyncio.shield(self._refreshing)
+
+    async def _rediscover(self, discover: Callable[[], list[ModelSource]]) -> None:
+        try:
+            found = {source.id: source for source in await asyncio.to_thread(discover)}
+        finally:
+            self._refreshing, self._refreshed_at = None, time.monotonic()
         for source in found.values():
             self.add_source(source)
         for model_id, entry in list(self._entries.items()):
@@ -334,6 +269,7 @@ class ModelRegistry:
             entry = await self.find(model_id)
             if entry.state == "unloading":  # no new request for it: it loads again afterwards
                 await entry.unloaded.wait()
+                await asyncio.sleep(0)  # whatever the states say, never spin
                 continue
             entry.leases += 1
             try:
@@ -349,13 +285,15 @@ class ModelRegistry:
             if entry.state in ("loaded", "unloading") and served is not None:
                 return served
             if entry.loading is None:
+                entry.failure = None
                 entry.loading = asyncio.create_task(self._load(entry, why))
             loading = entry.loading
-            with contextlib.suppress(Exception):  # the entry's state and error say it
+            with contextlib.suppress(Exception):  # what went wrong is on the entry
                 await asyncio.shield(loading)
-            if entry.state == "failed" and entry.loading is None:
-                if isinstance(entry.failure, ModelTooLargeError):
-                    raise entry.failure  # a 400: no retry makes it fit
+            failure = entry.failure
+            if failure is not None and entry.loading is None:
+                if isinstance(failure, ModelTooLargeError | NoRoomError):
+                    raise failure  # a 400 / a 503 of their own
                 raise EngineUnavailableError(
                     f"The model '{entry.id}' could not be loaded: {entry.error}", retry_after=10
                 )
@@ -378,12 +316,19 @@ class ModelRegistry:
             served = await asyncio.to_thread(entry.source.build)
             entry.served = served
             served.info = await served.engine.load()
+        except _Abandoned:
+            return  # every request for it left while it waited for room
+        except (ModelTooLargeError, NoRoomError) as exc:
+            # Not the model's fault: it stays available, and /health healthy.
+            entry.failure, entry.error = exc, str(exc)
+            logger.warning("not loading {}: {}", entry.id, exc)
+            return
         except BaseException as exc:
-            await self._failed(entry, exc)
+            await self._load_failed(entry, exc)
             raise
         finally:
             entry.loading = None
-        entry.state, entry.error, entry.failure = "loaded", None, None
+        entry.state, entry.error = "loaded", None
         entry.loads += 1
         entry.last_used = time.monotonic()
         memory = entry.memory_bytes
@@ -402,6 +347,8 @@ class ModelRegistry:
         the count; wait, up to the request timeout, while busy models leave too little."""
         deadline = time.monotonic() + self._wait_timeout
         while True:
+            if entry.leases == 0:
+                raise _Abandoned()
             async with self._room:
                 others = [
                     e.resident()
@@ -409,43 +356,50 @@ class ModelRegistry:
                     if e is not entry and e.state in ("loading", "loaded", "unloading")
                 ]
                 room = room_for(entry.id, entry.source.estimated_bytes, others, self.policy)
-                for victim in room.evict:
-                    await self._unload(self._entries[victim], reason=room.reason)
                 if room.fits:
+                    await self._evict([self._entries[v] for v in room.evict], room.reason)
                     entry.state = "loading"
                     return
             left = deadline - time.monotonic()
             if left <= 0:
                 busy = ", ".join(r.id for r in others if r.busy or r.pinned)
-                raise EngineUnavailableError(
+                raise NoRoomError(
                     f"No room to load '{entry.id}': the models in use ({busy}) hold the "
                     "memory budget; retry when they are idle.",
                     retry_after=10,
                 )
             await self._change(within=min(left, RESIDENCY_TICK_SECONDS))
 
-    async def _failed(self, entry: ModelEntry, exc: BaseException) -> None:
+    async def _evict(self, victims: list[ModelEntry], reason: str) -> None:
+        """Unload `victims`, all marked unloading at once: a request for one of them waits
+        for its unload instead of starting on it meanwhile."""
+        for victim in victims:
+            self._begin_unloading(victim)
+        for victim in victims:
+            await self._unload(victim, reason=reason)
+
+    async def _load_failed(self, entry: ModelEntry, exc: BaseException) -> None:
         served, entry.served = entry.served, None
         entry.state, entry.failure = "failed", exc
         entry.error = f"{type(exc).__name__}: {exc}"
         if served is not None:  # a child may be up: it must not outlive the failure
-            with contextlib.suppress(Exception):
-                await served.engine.unload()
+            await _stop_engine(entry.id, served)
         self._changed.set()
-        if isinstance(exc, ModelTooLargeError):
-            logger.warning("not loading {}: {}", entry.id, exc)
-        elif not isinstance(exc, asyncio.CancelledError):
+        if not isinstance(exc, asyncio.CancelledError):
             logger.opt(exception=exc).error("{} failed to load: {}", entry.id, exc)
 
     async def unload(self, model_id: str, *, reason: str = "admin") -> None:
-        """Unload a model once the requests using it have finished; new requests for it wait
-        meanwhile, then load it again."""
+        """Unload a model once the requests using it have finished (each ends within the
+        request timeout); new requests for it wait meanwhile, then load it again. A model
+        named at start is from then on loaded on demand, like any other."""
         entry = await self.find(model_id)
         while entry.loading is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(entry.loading)
         if entry.state != "loaded":
             return
+        if entry.source.pinned:
+            entry.source = dataclasses.replace(entry.source, pinned=False)
         self._begin_unloading(entry)
         try:
             while entry.busy:
@@ -453,24 +407,25 @@ class ModelRegistry:
             async with self._room:
                 await self._unload(entry, reason=reason)
         finally:
-            entry.unloaded.set()
+            if entry.state == "unloading":  # stopped before it began: it is still loaded
+                entry.state = "loaded"
+                entry.unloaded.set()
 
     def _begin_unloading(self, entry: ModelEntry) -> None:
         entry.state = "unloading"
         entry.unloaded.clear()
 
     async def _unload(self, entry: ModelEntry, *, reason: str) -> None:
-        served = entry.served
+        served, memory = entry.served, entry.memory_bytes
         self._begin_unloading(entry)
-        memory = entry.memory_bytes
         try:
             if served is not None:
-                await served.engine.unload()
+                await _stop_engine(entry.id, served)
         finally:
             entry.served, entry.state = None, "available"
             entry.unloaded.set()
+            self._changed.set()
         entry.unloads[reason] += 1
-        self._changed.set()
         held = "" if memory is None else f", freeing {memory / GIB:.2f} GiB"
         logger.info("unloaded {} ({}{})", entry.id, _UNLOAD_REASONS.get(reason, reason), held)
 
@@ -487,16 +442,19 @@ class ModelRegistry:
 
     async def _keep_alive(self) -> None:
         """Unload models idle past the keep-alive."""
+        keep_alive = self.policy.keep_alive
         while True:
             await self._change(within=RESIDENCY_TICK_SECONDS)
             loaded = [e.resident() for e in self._entries.values() if e.state == "loaded"]
-            now = time.monotonic()
-            for model_id in expired(loaded, now=now, keep_alive=self.policy.keep_alive):
+            for model_id in expired(loaded, now=time.monotonic(), keep_alive=keep_alive):
                 entry = self._entries.get(model_id)
-                if entry is None or entry.state != "loaded" or entry.busy:
+                if entry is None:
                     continue
-                async with self._room:
-                    if entry.state == "loaded" and not entry.busy:
+                async with self._room:  # still idle past its time once the room is ours?
+                    now = time.monotonic()
+                    if entry.state == "loaded" and expired(
+                        [entry.resident()], now=now, keep_alive=keep_alive
+                    ):
                         await self._unload(entry, reason="idle")
 
     # --- the server's life -------------------------------------------------------------------
@@ -515,22 +473,43 @@ class ModelRegistry:
                     self._released(entry)
 
     async def unload_all(self) -> None:
+        """Stop every engine, loads and unloads under way included (the server's shutdown)."""
         if self._keeper is not None:
             self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            await asyncio.gather(self._keeper, return_exceptions=True)
             self._keeper = None
-        for entry in self._entries.values():
+        for entry in list(self._entries.values()):
             if entry.loading is not None:
                 entry.loading.cancel()
-                with contextlib.suppress(BaseException):
-                    await entry.loading
+                await asyncio.gather(entry.loading, return_exceptions=True)
             # Every engine, loaded or not: one interrupted mid-load may hold a process already.
-            if entry.served is not None:
-                await entry.served.engine.unload()
-                entry.served.info = None
-                entry.served = None
+            served, entry.served = entry.served, None
+            if served is not None:
+                await _stop_engine(entry.id, served)
+                served.info = None
             entry.state = "available"
+            entry.unloaded.set()
+
+
+class NoRoomError(EngineUnavailableError):
+    """Busy models hold the memory budget for longer than a request may wait: retry (503)."""
+
+
+class _Abandoned(Exception):
+    """Every request for a model waiting for room has gone: its load is dropped."""
+
+
+async def _stop_engine(model_id: str, served: ServedModel) -> None:
+    """Unload a model's engine, seen through even if the caller is cancelled meanwhile (its
+    worker process must not be left behind); a failure is logged, not raised."""
+    stopping = asyncio.ensure_future(served.engine.unload())
+    try:
+        await asyncio.shield(stopping)
+    except asyncio.CancelledError:
+        await asyncio.gather(stopping, return_exceptions=True)
+        raise
+    except Exception as exc:
+        logger.opt(exception=exc).error("stopping the engine of {} failed: {}", model_id, exc)
 
 
 def _set(event: asyncio.Event) -> asyncio.Event:

@@ -13,15 +13,26 @@ GIB = 1 << 30
 
 
 class ModelTooLargeError(RuntimeError):
-    """A model that cannot fit in the memory budget even with nothing else loaded."""
+    """A model that cannot be loaded whatever is unloaded: larger than the memory budget, alone
+    or beside the models named at start (which stay loaded), or past the count they leave."""
 
-    def __init__(self, model_id: str, needed: int, budget: int) -> None:
-        super().__init__(
-            f"The model '{model_id}' needs about {needed / GIB:.1f} GiB, more than this server's "
-            f"memory budget of {budget / GIB:.1f} GiB even with every other model unloaded; "
-            "raise --memory-budget, or lower the model's context (--ctx-size) or parallelism."
-        )
-        self.model_id, self.needed, self.budget = model_id, needed, budget
+    def __init__(self, model_id: str, message: str) -> None:
+        super().__init__(message)
+        self.model_id = model_id
+
+
+def _too_large(model_id: str, needed: int, budget: int, pinned: int) -> ModelTooLargeError:
+    beside = (
+        f" beside the models named at start ({pinned / GIB:.1f} GiB, kept loaded)"
+        if pinned
+        else " even with every other model unloaded"
+    )
+    return ModelTooLargeError(
+        model_id,
+        f"The model '{model_id}' needs about {needed / GIB:.1f} GiB, more than this server's "
+        f"memory budget of {budget / GIB:.1f} GiB holds{beside}; raise --memory-budget, or "
+        "lower the model's context (--ctx-size) or parallelism.",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,11 +66,20 @@ def room_for(
     model_id: str, needed: int, residents: Sequence[Resident], policy: ResidencyPolicy
 ) -> Room:
     """The idle models to unload, least recently used first, so that a model needing `needed`
-    bytes fits the budget and the count; `fits` is False when busy or pinned models leave too
-    little room for now. Raises ModelTooLargeError when it could never fit."""
+    bytes fits the budget and the count; `fits` is False (and nothing is to be unloaded) when
+    busy models leave too little room for now. Raises ModelTooLargeError when it could never
+    fit, pinned models being there to stay."""
     budget = policy.memory_budget
-    if budget is not None and needed > budget:
-        raise ModelTooLargeError(model_id, needed, budget)
+    pinned = [r for r in residents if r.pinned]
+    held_for_good = sum(r.charge for r in pinned)
+    if budget is not None and needed + held_for_good > budget:
+        raise _too_large(model_id, needed, budget, held_for_good)
+    if policy.max_loaded > 0 and len(pinned) + 1 > policy.max_loaded:
+        raise ModelTooLargeError(
+            model_id,
+            f"The model '{model_id}' cannot be loaded: the {len(pinned)} models named at start "
+            f"take all of --max-loaded-models {policy.max_loaded}.",
+        )
     used = sum(r.charge for r in residents)
     count = len(residents)
     evict: list[str] = []
@@ -77,7 +97,8 @@ def room_for(
     fits = (budget is None or used + needed <= budget) and (
         policy.max_loaded <= 0 or count + 1 <= policy.max_loaded
     )
-    return Room(tuple(evict), fits, reason)
+    # Nothing is unloaded for a load that must wait anyway: busy models may free room first.
+    return Room(tuple(evict), True, reason) if fits else Room((), False)
 
 
 def _lru(resident: Resident) -> float:

@@ -62,6 +62,7 @@ from vllm_obtain.runtime.wire import (
 CHILD_COMMAND = (sys.executable, "-m", "vllm_obtain.runtime.child")
 RESTART_WINDOW_SECONDS = 600.0
 MAX_RESTART_DELAY_SECONDS = 30.0
+MEMORY_READ_SECONDS = 1.0
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -162,6 +163,7 @@ class EngineProcess:
         self._watched_calls: set[int] = set()
         self._stats: dict[str, float] = {}
         self._last_heard = self._last_progress = time.monotonic()
+        self._memory_read: tuple[float, int] | None = None  # (when, bytes)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -405,8 +407,16 @@ class EngineProcess:
             **self._stats,
             "pid": proc.pid if proc is not None else 0,
             "restarts": self.restarts,
-            "memory_bytes": resident_bytes(proc.pid) if proc is not None and running else 0,
+            "memory_bytes": self._memory(proc.pid) if proc is not None and running else 0,
         }
+
+    def _memory(self, pid: int) -> int:
+        """resident_bytes, read at most once a second: /health, /metrics, the admin API and
+        the registry's keep-alive all ask, and it walks the machine's process table."""
+        now = time.monotonic()
+        if self._memory_read is None or now - self._memory_read[0] > MEMORY_READ_SECONDS:
+            self._memory_read = (now, resident_bytes(pid))
+        return self._memory_read[1]
 
 
 class SupervisedEngine(EngineProcess):

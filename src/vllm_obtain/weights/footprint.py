@@ -25,6 +25,7 @@ RUNTIME_BYTES = {"llama.cpp": 128 * MIB, "vllm": 2 * GIB, "mlx": 768 * MIB}
 # llama.cpp's and MLX's defaults where the settings leave them automatic (engines/*/engine.py).
 LLAMA_CPP_MAX_CONTEXT = 8192
 LLAMA_CPP_MAX_KV_TOKENS = 32768
+MLX_DEFAULT_CONTEXT = 4096  # engines/mlx/engine.py, for a config without max_position_embeddings
 # vLLM on CPU without --kv-cache-gib sizes its KV cache from what is free: counted as this.
 VLLM_CPU_AUTO_KV_BYTES = 4 * GIB
 VLLM_GPU_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
@@ -163,14 +164,14 @@ def hf_shape(folder: Path) -> ModelShape | None:
 
 
 def weights_bytes(path: Path) -> int:
-    """A file's size, or the weight files' in a folder (hub snapshots link to their blobs)."""
+    """A file's size, or the weight files' in a folder (hub snapshots link to their blobs);
+    safetensors alone where a folder also has other copies of the weights."""
     if path.is_file():
         return path.stat().st_size
-    return sum(
-        f.stat().st_size
-        for f in path.rglob("*")
-        if f.is_file() and f.name.endswith(HF_WEIGHT_SUFFIXES)
-    )
+    files = [f for f in path.rglob("*") if f.is_file() and f.name.endswith(HF_WEIGHT_SUFFIXES)]
+    if any(f.suffix == ".safetensors" for f in files):
+        files = [f for f in files if f.suffix == ".safetensors"]
+    return sum(f.stat().st_size for f in files)
 
 
 def estimate_footprint(
@@ -196,13 +197,13 @@ def estimate_footprint(
         return Footprint(weights, kv, runtime)
     if shape is None:
         return Footprint(weights, 0, runtime)
-    context = config.context_length or min(
-        shape.trained_context or LLAMA_CPP_MAX_CONTEXT, LLAMA_CPP_MAX_CONTEXT
-    )
     if engine == "llama.cpp":
+        context = config.context_length or min(
+            shape.trained_context or LLAMA_CPP_MAX_CONTEXT, LLAMA_CPP_MAX_CONTEXT
+        )
         tokens = config.kv_cache_tokens or max(
             context, min(config.parallel * context // 4, LLAMA_CPP_MAX_KV_TOKENS)
         )
-    else:  # MLX grows its caches as sequences do: a quarter of the context per sequence
-        tokens = max(context, config.max_batch * context // 4)
+    else:  # MLX allocates as sequences grow: counted as one sequence at its whole context
+        tokens = config.context_length or shape.trained_context or MLX_DEFAULT_CONTEXT
     return Footprint(weights, tokens * shape.kv_bytes_per_token, runtime)
