@@ -4,6 +4,7 @@ engines (the real engines' loads and evictions are in tests/integration/test_man
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -339,3 +340,19 @@ def test_a_load_waiting_for_room_is_dropped_when_its_requests_leave():
 
     asyncio.run(scenario())
     assert log == ["load a"] and states(models) == {"a": "loaded", "b": "available"}
+
+
+def test_a_model_named_at_start_stays_listed_once_unloaded():
+    log: list[str] = []
+    models = ModelRegistry(
+        sources=[dataclasses.replace(source("p", log), pinned=True)], discover=lambda: []
+    )
+
+    async def scenario() -> None:
+        await models.load_all()
+        await models.unload("p")
+        await models.refresh(force=True)
+        await models.unload_all()
+
+    asyncio.run(scenario())
+    assert states(models) == {"p": "available"}

@@ -82,6 +82,11 @@ class ModelEntry:
     )  # set: not unloading
     created: int = field(default_factory=lambda: int(time.time()))
     owned_by: str = "vllm-obtain"
+    # Named at start: never dropped from the list, even once unloaded and no longer pinned.
+    named: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.named = self.source.pinned
 
     @property
     def id(self) -> str:
@@ -209,7 +214,7 @@ class ModelRegistry:
         for source in found.values():
             self.add_source(source)
         for model_id, entry in list(self._entries.items()):
-            gone = model_id not in found and not entry.source.pinned
+            gone = model_id not in found and not entry.named
             if gone and entry.state in ("available", "failed") and entry.loading is None:
                 del self._entries[model_id]
 
