@@ -136,3 +136,10 @@ def test_a_failed_pull_ends_its_stream_with_the_error():
         last = json.loads(response.text.splitlines()[-1])
         assert last["status"] == "error" and "checksum mismatch" in last["error"]["message"]
         assert_error(http.post("/admin/pull", json={}), 400, "name")
+
+
+def test_a_request_refused_for_an_unsupported_param_loads_no_model():
+    with client(scripted("start", pinned=True), scripted("other")) as http:
+        body = {"model": "other", "prompt": "hi", "suffix": "there"}
+        assert_error(http.post("/v1/completions", json=body), 400, "suffix", "unsupported")
+        assert admin_states(http) == {"start": "loaded", "other": "available"}

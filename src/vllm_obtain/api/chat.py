@@ -47,10 +47,11 @@ router = APIRouter(tags=["chat"])
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+    # Refused before the model is found: a bad request must not load one (or unload another).
+    refuse_unimplemented(body.unsupported_param())
     model = await served_model(request, body.model)
     messages = body.messages_for_template()
     note_prompt(request, messages)
-    refuse_unimplemented(body.unsupported_param())
     options, tools = body.to_options(), body.tool_use()
     plan = await plan_chat(model, messages, tools, options, request_id=request_id_of(request))
     meta = ResponseMeta.new("chatcmpl", model.id, plan.prompt_tokens)

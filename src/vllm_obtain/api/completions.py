@@ -33,9 +33,9 @@ router = APIRouter(tags=["completions"])
 
 @router.post("/v1/completions", response_model=Completion)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    refuse_unimplemented(body.unsupported_param())  # before a model may be loaded for it
     model = await served_model(request, body.model)
     note_prompt(request, body.prompt)
-    refuse_unimplemented(body.unsupported_param())
     prompts = body.prompts(document_start=model.loaded_info.bos_token)
     plan = await plan_completion(
         model, prompts, body.to_options(), request_id=request_id_of(request)

@@ -45,9 +45,9 @@ def store_of(request: Request) -> ResponseStore | None:
 
 @router.post("/v1/responses", response_model=ResponseObject)
 async def create_response(body: CreateResponseRequest, request: Request) -> Response:
-    model = await served_model(request, body.model)
     if (param := body.unsupported_param()) is not None:
         raise InvalidRequestError(body.unsupported_message(param), param=param, code="unsupported")
+    model = await served_model(request, body.model)
     store = store_of(request)
     earlier = await previous_conversation(store, body.previous_response_id)
     items = body.input_items()

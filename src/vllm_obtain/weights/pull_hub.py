@@ -105,7 +105,7 @@ def repo_listing(repo: str, cache_dir: Path) -> Listing:
 
     hub = hub_cache_dir(cache_dir)
     if _hub_offline():
-        cached = _cachedlisting(repo, hub)
+        cached = _cached_listing(repo, hub)
         if cached is None:
             raise PullError(
                 f"offline (HF_HUB_OFFLINE=1) and {repo} is not in the cache at {hub}: "
@@ -122,7 +122,7 @@ def repo_listing(repo: str, cache_dir: Path) -> Listing:
     except HfHubHTTPError as exc:
         raise PullError(f"{repo}: {exc}") from exc
     except _network_errors() as exc:
-        cached = _cachedlisting(repo, hub)
+        cached = _cached_listing(repo, hub)
         if cached is None:
             raise PullError(
                 f"cannot reach {constants.ENDPOINT} ({exc}); HF_ENDPOINT sets "
@@ -150,7 +150,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _cachedlisting(repo: str, hub: Path) -> Listing | None:
+def _cached_listing(repo: str, hub: Path) -> Listing | None:
     from huggingface_hub import CacheNotFound, scan_cache_dir
 
     try:
