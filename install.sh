@@ -10,20 +10,23 @@
 #   ./install.sh --cpu-only          build llama.cpp for the CPU even where it would use the GPU
 #                                    (by default: CUDA with an NVIDIA GPU and its toolkit, ROCm
 #                                    with an AMD GPU, Metal on Apple Silicon)
+#   ./install.sh --ray               also Ray Serve, for replicas on a cluster (serve --ray)
 #   CMAKE_ARGS='...' ./install.sh    build llama.cpp with these CMake flags instead
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DEV=0
+RAY=0
 CPU_ONLY=""
 ENGINES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dev) DEV=1 ;;
+    --ray) RAY=1 ;;
     --cpu-only) CPU_ONLY=1 ;;
     --engines) shift; ENGINES=${1:-} ;;
     --engines=*) ENGINES=${1#--engines=} ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -104,6 +107,7 @@ if wants vllm; then
 fi
 wants mlx && EXTRAS+=",mlx,convert"
 [ "$DEV" = 1 ] && EXTRAS+=",dev"
+[ "$RAY" = 1 ] && EXTRAS+=",ray"
 EXTRAS=${EXTRAS#,}
 step "vllm-obtain [$EXTRAS]"
 "$VENV_PY" -m pip install --quiet -e ".[$EXTRAS]" || fail "installing vllm-obtain's dependencies failed (see pip's message above)."

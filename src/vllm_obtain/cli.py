@@ -32,6 +32,10 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     configure_logging_for(settings)
+    if settings.ray is not None:
+        from vllm_obtain.cluster.launcher import serve_on_ray
+
+        return serve_on_ray(settings)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -259,6 +263,7 @@ def with_default_command(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from vllm_obtain.cluster import RayNotInstalledError
     from vllm_obtain.contract import EngineNotInstalledError
     from vllm_obtain.weights.catalog import ModelResolutionError
 
@@ -267,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ModelResolutionError, EngineNotInstalledError) as exc:
+    except (ModelResolutionError, EngineNotInstalledError, RayNotInstalledError) as exc:
         print(f"vllm-obtain: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # a flag, OBTAIN_* variable or .env line out of range

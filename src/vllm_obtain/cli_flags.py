@@ -36,6 +36,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             options["type"] = kind
         if "metavar" in shown:
             options["metavar"] = shown["metavar"]
+        if "const" in shown:  # a value of its own when given alone (`--ray`)
+            options |= {"nargs": "?", "const": shown["const"]}
         parser.add_argument(flag_of(name), **options)
 
 

@@ -36,7 +36,7 @@ def _json_line(record: Any) -> str:
         "level": record["level"].name,
         "message": record["message"],
         "logger": record["name"],
-        **record["extra"],
+        **{k: v for k, v in record["extra"].items() if not k.startswith("_")},
     }
     if record["exception"] is not None:
         entry["exception"] = repr(record["exception"].value)
@@ -44,7 +44,14 @@ def _json_line(record: Any) -> str:
     return "{extra[_json]}\n"
 
 
-def configure_logging(*, level: str, json_lines: bool, logs_dir: Path | None) -> None:
+LOG_FILE = "vllm-obtain.log"
+
+
+def configure_logging(
+    *, level: str, json_lines: bool, logs_dir: Path | None, file_name: str = LOG_FILE
+) -> None:
+    """Sinks for this process: stderr, and `file_name` in `logs_dir` (each process that logs
+    to files has a name of its own: rotation is not shared between processes)."""
     logger.remove()
     fmt: Any = _json_line if json_lines else None
     options: dict[str, Any] = {"level": level, "backtrace": False, "diagnose": False}
@@ -53,14 +60,18 @@ def configure_logging(*, level: str, json_lines: bool, logs_dir: Path | None) ->
     logger.add(sys.stderr, **options)
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)
-        logger.add(
-            logs_dir / "vllm-obtain.log", rotation="50 MB", retention=5, enqueue=True, **options
-        )
+        logger.add(logs_dir / file_name, rotation="50 MB", retention=5, enqueue=True, **options)
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
-    # Their records below our level would only be dropped by loguru; and uvicorn wraps the app
-    # in a per-message tracing middleware (work on every SSE chunk) when its level is TRACE.
+    adopt_loggers(("uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"), level=level)
+
+
+def adopt_loggers(names: tuple[str, ...], *, level: str) -> None:
+    """Send these libraries' loggers (which may have handlers of their own: Ray's do) to our
+    sinks only. Their records below our level would only be dropped by loguru; and uvicorn
+    wraps the app in a per-message tracing middleware (work on every SSE chunk) when its
+    level is TRACE."""
     standard_level = logging.getLevelName(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "fastapi"):
+    for name in names:
         named = logging.getLogger(name)
         named.handlers = [InterceptHandler()]
         named.propagate = False

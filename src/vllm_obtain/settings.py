@@ -19,6 +19,8 @@ from vllm_obtain.engines.registry import ENGINE_NAMES
 
 PLATFORM_ENV_FILES = {"Darwin": ".env.mac", "Linux": ".env.linux", "Windows": ".env.windows"}
 ENGINE_CHOICES = ("auto", *ENGINE_NAMES)
+# `--ray` with no address: a Ray of our own, started and stopped with the server.
+LOCAL_RAY = "local"
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -61,6 +63,18 @@ def budget_bytes(value: str, *, capacity: int) -> int:
     return size
 
 
+def replica_range(value: str) -> tuple[int, int]:
+    """'1:4' -> (1, 4): the fewest and the most replicas autoscaling keeps."""
+    low, sep, high = value.partition(":")
+    try:
+        fewest, most = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"not a replica range: {value!r} (say 1:4)") from None
+    if not sep or fewest < 1 or most < fewest:
+        raise ValueError(f"not a replica range: {value!r} (MIN:MAX, 1 <= MIN <= MAX)")
+    return fewest, most
+
+
 def platform_env_file(system: str | None = None) -> str:
     """The config file for this OS (.env.mac, .env.linux or .env.windows), read from the cwd."""
     return PLATFORM_ENV_FILES.get(system or platform.system(), ".env")
@@ -73,10 +87,19 @@ def shown(
     metavar: str | None = None,
     env: str | None = None,
     choices: tuple[str, ...] | None = None,
+    const: str | None = None,
 ) -> dict[str, Any]:
     """How a setting is shown where the field alone does not say it well: its default in
-    words, a flag or env var spelt otherwise than the field (`--api-key` for `api_keys`)."""
-    extra = {"default": default, "flag": flag, "metavar": metavar, "env": env, "choices": choices}
+    words, a flag or env var spelt otherwise than the field (`--api-key` for `api_keys`);
+    `const`: the value of the flag given without one (`--ray` alone)."""
+    extra = {
+        "default": default,
+        "flag": flag,
+        "metavar": metavar,
+        "env": env,
+        "choices": choices,
+        "const": const,
+    }
     return {"cli": {key: value for key, value in extra.items() if value is not None}}
 
 
@@ -175,6 +198,45 @@ class Settings(BaseSettings):
         json_schema_extra=shown("the free memory"),
     )
     max_batch: int = Field(32, ge=1, description="MLX: sequences decoded together")
+    tensor_parallel: int = Field(
+        1,
+        ge=1,
+        description="vLLM: GPUs one model is split over (tensor parallel); with --ray, vLLM's "
+        "Ray executor places them",
+    )
+    pipeline_parallel: int = Field(
+        1,
+        ge=1,
+        description="vLLM: pipeline stages, each on GPUs of its own; with --ray they may be on "
+        "different nodes",
+    )
+    # --- past one machine: Ray Serve -------------------------------------------------------
+    ray: str | None = Field(
+        None,
+        description="serve on a Ray cluster: its ADDRESS as Ray takes it (host:6379, "
+        "ray://host:10001), auto (the cluster this machine belongs to), or nothing: a local "
+        "Ray started and stopped with the server",
+        json_schema_extra=shown("off", flag="--ray", metavar="ADDRESS", const=LOCAL_RAY),
+    )
+    replicas: int = Field(1, ge=1, description="with --ray: engine replicas of each model")
+    autoscale: str | None = Field(
+        None,
+        description="with --ray: MIN:MAX replicas of each model, scaled on the requests each "
+        "replica has in hand (instead of --replicas)",
+        json_schema_extra=shown("off", metavar="MIN:MAX"),
+    )
+    replica_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="with --ray: CPUs each engine replica reserves",
+        json_schema_extra=shown("--threads, else 1"),
+    )
+    replica_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="with --ray: GPUs each engine replica reserves",
+        json_schema_extra=shown("vLLM on a cluster with GPUs: its tensor x pipeline size; else 0"),
+    )
     # --- production: access, limits, recovery -----------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -269,6 +331,24 @@ class Settings(BaseSettings):
     @classmethod
     def _budget_readable(cls, value: str) -> str:
         budget_bytes(value, capacity=1 << 30)  # raises on what cannot be read
+        return value
+
+    @field_validator("ray")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        # `serve --ray MODEL` would take the model for the address.
+        if value is not None and value not in (LOCAL_RAY, "auto") and ":" not in value:
+            raise ValueError(
+                f"not a Ray address: {value!r} (host:6379, ray://host:10001, auto or local; "
+                "name models before --ray)"
+            )
+        return value
+
+    @field_validator("autoscale")
+    @classmethod
+    def _autoscale_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            replica_range(value)  # raises on what cannot be read
         return value
 
     @field_validator("engine")

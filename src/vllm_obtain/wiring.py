@@ -33,7 +33,7 @@ from vllm_obtain.engines.registry import (
     engine_spec,
 )
 from vllm_obtain.hardware import PlatformInfo, choose_engine, detect_platform
-from vllm_obtain.logs import configure_logging
+from vllm_obtain.logs import LOG_FILE, configure_logging
 from vllm_obtain.runtime.supervisor import SupervisedEmbedder, SupervisedEngine
 from vllm_obtain.runtime.wire import Start
 from vllm_obtain.settings import Settings, budget_bytes
@@ -63,16 +63,25 @@ RELOADER_OVERRIDES_ENV = "VLLM_OBTAIN_RELOADER_SETTINGS"
 
 
 def create_server_app(
-    settings: Settings, *, on_load_failure: Callable[[], None] | None = None
+    settings: Settings,
+    *,
+    on_load_failure: Callable[[], None] | None = None,
+    registry: ModelRegistry | None = None,
 ) -> FastAPI:
-    """The app factory: the models the settings name, on their engines, behind the API."""
+    """The app factory: the models the settings name, on their engines, behind the API.
+
+    `registry`: models whose engines run elsewhere instead (the replicas of a Ray Serve
+    deployment, cluster.ingress); Ray Serve's proxy is then in front of the app: it sets
+    X-Request-ID itself, and a pull would only reach this one machine's disk."""
+    on_cluster = registry is not None
+    config = dataclasses.replace(api_config(settings), request_id_header=not on_cluster)
     return create_app(
-        api_config(settings),
-        build_registry(settings),
+        config,
+        registry if registry is not None else build_registry(settings),
         embedding_models=build_embedding_models(settings),
         response_store=build_response_store(settings),
         on_load_failure=on_load_failure,
-        model_puller=model_puller(settings),
+        model_puller=None if on_cluster else model_puller(settings),
     )
 
 
@@ -89,12 +98,13 @@ def reloader_settings() -> Settings:
     return Settings(**json.loads(os.environ.get(RELOADER_OVERRIDES_ENV, "{}")))
 
 
-def configure_logging_for(settings: Settings) -> None:
+def configure_logging_for(settings: Settings, *, file_name: str = LOG_FILE) -> None:
     """Logging as the settings ask: JSON lines in prod mode, readable lines in dev."""
     configure_logging(
         level=settings.effective_log_level,
         json_lines=settings.mode == "prod",
         logs_dir=settings.logs_dir,
+        file_name=file_name,
     )
 
 
@@ -129,10 +139,21 @@ def engine_config(settings: Settings) -> EngineConfig:
         kv_cache_tokens=settings.kv_cache_tokens,
         kv_unified=settings.kv_unified,
         gpu_layers=settings.gpu_layers,
-        vllm_args=dict(settings.vllm_args),
+        vllm_args=vllm_arguments(settings),
         cpu_kv_cache_gib=settings.kv_cache_gib,
         max_batch=settings.max_batch,
     )
+
+
+def vllm_arguments(settings: Settings) -> dict[str, Any]:
+    """vLLM's engine arguments: the parallelism flags, then --vllm-arg (which names them
+    exactly, so it wins)."""
+    parallel: dict[str, Any] = {}
+    if settings.tensor_parallel > 1:
+        parallel["tensor_parallel_size"] = settings.tensor_parallel
+    if settings.pipeline_parallel > 1:
+        parallel["pipeline_parallel_size"] = settings.pipeline_parallel
+    return {**parallel, **settings.vllm_args}
 
 
 def limits_from(settings: Settings) -> ServingLimits:
@@ -224,9 +245,11 @@ def model_source(
     *,
     pinned: bool = False,
     fetch_as: str | None = None,
+    config: EngineConfig | None = None,
 ) -> ModelSource:
     """How to serve an installed model: on the engine `doctor` would choose for its format here
-    (or the one asked for), and what it will take in memory."""
+    (or the one asked for), and what it will take in memory. `config`: the engine's, instead
+    of the settings' (a cluster replica adds what sharding over Ray needs)."""
     engine, _ = choose_engine(info, model.format, requested)
     reads = engine_spec(engine).weights
     if model.format == "hf" and reads == "gguf":
@@ -248,14 +271,14 @@ def model_source(
             return gguf_to_hf(model.path, settings.cache_dir)
         return model.path
 
-    config = model_engine_config(settings, info, engine)
+    config = config or model_engine_config(settings, info, engine)
 
     def build() -> ServedModel:
         return ServedModel(
             id=model.id,
             engine=isolated_engine(engine, weights(), settings, config),
             # --chat-template is for the models named at start, not whatever else loads.
-            chat_template=_read_template(settings.chat_template) if pinned else None,
+            chat_template=read_template(settings.chat_template) if pinned else None,
             limits=limits_from(settings),
         )
 
@@ -374,7 +397,7 @@ def build_embedding_models(settings: Settings) -> EmbeddingModels:
     )
 
 
-def _read_template(value: str | None) -> str | None:
+def read_template(value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(value).expanduser()

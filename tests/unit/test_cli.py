@@ -260,3 +260,44 @@ def admin_server(listing: dict[str, Any], api_key: str) -> Iterator[tuple[str, l
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_ray_alone_means_a_local_ray_and_a_model_may_come_first():
+    assert settings_from(build_parser().parse_args(["serve", "--ray"])).ray == "local"
+    args = build_parser().parse_args(["serve", "my-model", "--ray", "auto", "--replicas", "2"])
+    settings = settings_from(args)
+    assert (settings.model, settings.ray, settings.replicas) == (["my-model"], "auto", 2)
+
+
+def test_ray_without_ray_serve_installed_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from vllm_obtain import cluster
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        cluster.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.split(".")[0] == "ray" else real(name, *a),
+    )
+    assert main(["serve", "--ray", "--embedding-model", "none"]) == 2
+    assert "./install.sh --ray" in capsys.readouterr().err
+
+
+def test_the_base_server_never_imports_ray():
+    """Building the single-box app (and parsing every command) leaves Ray unimported: a
+    base install has none, and importing it costs seconds."""
+    probe = (
+        "import sys\n"
+        "from vllm_obtain.cli import build_parser\n"
+        "from vllm_obtain.cli_flags import settings_from\n"
+        "from vllm_obtain.wiring import create_server_app\n"
+        "args = build_parser().parse_args(['serve', '--embedding-model', 'none'])\n"
+        "settings = settings_from(args)\n"
+        "create_server_app(settings)\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"

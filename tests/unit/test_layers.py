@@ -4,7 +4,7 @@ itself through its imports.
 
     api -> core -> contract            engines -> contract        weights -> contract
     runtime.child -> engines.registry  (the only part of the runtime that learns backends)
-    wiring, cli: the top, where the layers meet
+    wiring, cli: the top, where the layers meet; cluster (Ray Serve) above the wiring
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ ALLOWED: dict[str, set[str]] = {
     "wiring": {
         "api", "core", "contract", "engines", "hardware", "logs", "runtime", "settings", "weights",
     },
+    # The server on Ray Serve: above the wiring, whose pieces its deployments assemble.
+    "cluster": {"contract", "core", "hardware", "logs", "runtime", "settings", "wiring"},
     "cli_flags": {"settings"},
     "model_commands": {"cli_flags", "contract", "hardware", "settings", "weights"},
     "cli": {
         "contract", "core", "engines", "hardware", "settings", "weights", "wiring", "bench",
-        "cli_flags", "model_commands",
+        "cli_flags", "model_commands", "cluster",
     },
     "__main__": {"cli"},
     "": set(),

@@ -3,6 +3,7 @@ logs, the bounded queue, timeouts, limits, CORS and health probes. Crashes, hang
 a real engine are tested in tests/integration/test_faults.py."""
 
 import asyncio
+import dataclasses
 import json
 import threading
 from typing import Any
@@ -14,6 +15,7 @@ from loguru import logger
 
 from tests.api_helpers import (
     MODEL,
+    ReadyTestClient,
     assert_error,
     chat,
     make_app,
@@ -23,9 +25,13 @@ from tests.api_helpers import (
 )
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.api.access import key_matches
+from vllm_obtain.api.app import create_app
 from vllm_obtain.api.health import overall_status
-from vllm_obtain.core.served_model import ServingLimits
+from vllm_obtain.contract import ReplicaReport
+from vllm_obtain.core.registry import ModelRegistry
+from vllm_obtain.core.served_model import ServedModel, ServingLimits
 from vllm_obtain.settings import Settings
+from vllm_obtain.wiring import api_config
 
 KEYS = Settings(api_keys=["sk-first", "sk-second"])
 
@@ -344,3 +350,53 @@ def test_uvicorn_does_not_trace_every_message_below_debug_level(tmp_path):
     finally:
         logger.remove()
         logger.add(lambda _: None)
+
+
+# --- a model served by several replicas (on a cluster) ----------------------------------------
+
+
+class ReplicatedScripted(ScriptedEngine):
+    """The scripted engine as a deployment of two replicas, one of them restarting."""
+
+    def replicas(self) -> list[ReplicaReport]:
+        return [
+            ReplicaReport("r1", "node-a", "ready", {"running": 2, "requests": 5}),
+            ReplicaReport("r2", "node-b", "restarting", {"running": 0, "requests": 1}),
+        ]
+
+
+def test_health_lists_every_replica_of_a_replicated_model():
+    with make_client(ReplicatedScripted()) as client:
+        (model,) = client.get("/health").json()["models"]
+    assert [(r["id"], r["node"], r["state"], r["requests"]) for r in model["replicas"]] == [
+        ("r1", "node-a", "ready", 5),
+        ("r2", "node-b", "restarting", 1),
+    ]
+
+
+def test_metrics_label_each_replica_of_a_replicated_model():
+    with make_client(ReplicatedScripted()) as client:
+        text = client.get("/metrics").text
+    assert f'vllm_obtain_replica_up{{model="{MODEL}",node="node-a",replica="r1"}} 1.0' in text
+    assert f'vllm_obtain_replica_up{{model="{MODEL}",node="node-b",replica="r2"}} 0.0' in text
+    assert (
+        f'vllm_obtain_replica_requests_total{{model="{MODEL}",node="node-a",replica="r1"}} 5.0'
+        in text
+    )
+    with make_client(ScriptedEngine()) as client:  # one engine: no replica series
+        assert 'replica="' not in client.get("/metrics").text
+
+
+def test_behind_ray_serves_proxy_the_request_id_header_is_left_to_it():
+    """Serve's proxy sets X-Request-ID (from the request's, as we would): a second one from us
+    would give clients two."""
+    settings_config = dataclasses.replace(api_config(Settings()), request_id_header=False)
+    app = create_app(
+        settings_config, ModelRegistry([ServedModel(id=MODEL, engine=ScriptedEngine())])
+    )
+    with ReadyTestClient(app) as client:
+        response = chat(client, headers={"X-Request-ID": "mine"})
+        assert response.status_code == 200
+        assert "x-request-id" not in response.headers
+    with make_client(ScriptedEngine()) as client:
+        assert chat(client, headers={"X-Request-ID": "mine"}).headers["x-request-id"] == "mine"

@@ -50,3 +50,25 @@ def test_readme_configuration_table_is_the_one_settings_make():
     assert readme[start:end].strip() == settings_table(), (
         "README's configuration table is out of date: paste in `python -m vllm_obtain.settings`"
     )
+
+
+def test_ray_takes_an_address_auto_or_local_but_never_a_model_name():
+    import pytest
+    from pydantic import ValidationError
+
+    for address in ("local", "auto", "10.0.0.1:6379", "ray://head:10001"):
+        assert Settings(ray=address).ray == address
+    with pytest.raises(ValidationError, match="name models before --ray"):
+        Settings(ray="qwen-0.5b")
+
+
+def test_autoscaling_takes_a_replica_range():
+    import pytest
+    from pydantic import ValidationError
+
+    from vllm_obtain.settings import replica_range
+
+    assert replica_range("1:4") == (1, 4)
+    for wrong in ("4", "0:2", "3:2", "a:b"):
+        with pytest.raises(ValidationError, match="replica range"):
+            Settings(autoscale=wrong)

@@ -384,3 +384,58 @@ def test_a_long_embedding_batch_is_work_not_a_hang() -> None:
             await engine.unload()
 
     asyncio.run(scenario())
+
+
+# --- an engine process never outlives its parent ------------------------------------------------
+
+# A server that starts a wedged engine (its event loop blocked: it cannot read the pipe
+# closing) and prints the engine's pid, then waits to be killed.
+WEDGED_PARENT = f"""
+import asyncio, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from tests.fake_engine_process import HANG_TOKEN
+from vllm_obtain.contract import GenerationRequest
+from vllm_obtain.runtime.supervisor import SupervisedEngine
+from vllm_obtain.runtime.wire import Start
+
+async def main():
+    start = Start(role="generate", engine="blocks-loop", model_path=Path("no-weights"))
+    engine = SupervisedEngine(start, hang_timeout=600, command={FAKE_CHILD!r})
+    await engine.load()
+    stream = engine.generate(GenerationRequest("r", (HANG_TOKEN,), 8))
+    await anext(stream)
+    print(engine.stats()["pid"], flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_an_engine_process_dies_with_its_parent_even_when_wedged():
+    import subprocess
+
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", WEDGED_PARENT], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        engine_pid = int(parent.stdout.readline())
+        engine = psutil.Process(engine_pid)
+        time.sleep(0.5)
+        assert engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE
+        parent.kill()  # as Ray kills a replica's actor: no chance to stop the engine in order
+        parent.wait()
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            try:
+                if engine.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+        else:
+            engine.kill()
+            pytest.fail("the engine process outlived its parent")
+    finally:
+        parent.kill()

@@ -42,6 +42,9 @@ class ApiConfig:
     cors_origins: tuple[str, ...]
     max_body_bytes: int
     log_prompts: bool
+    # Whether responses get our X-Request-ID header: not behind Ray Serve's proxy, which sets
+    # it itself (from the request's, as we would).
+    request_id_header: bool = True
 
 
 def create_app(
@@ -110,7 +113,10 @@ def create_app(
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(
-        RequestContextMiddleware, metrics=app.state.metrics, log_prompts=config.log_prompts
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        log_prompts=config.log_prompts,
+        request_id_header=config.request_id_header,
     )
     for module in (chat, completions, responses, embeddings, models, admin, health, metrics):
         app.include_router(module.router)

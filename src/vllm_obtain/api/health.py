@@ -4,11 +4,13 @@ orchestrator wants (liveness: restart me; readiness: send me traffic)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from vllm_obtain.api.request_scope import embedding_models_of, registry_of
+from vllm_obtain.contract import ReplicatedEngine
 from vllm_obtain.core.registry import ModelEntry, ModelRegistry
 
 router = APIRouter(tags=["health"])
@@ -23,6 +25,20 @@ def overall_status(states: Sequence[str]) -> str:
     if all(s == "loading" for s in states):
         return "loading"
     return "degraded"
+
+
+def engine_report(entry: ModelEntry) -> dict[str, Any]:
+    """A model's engine gauges, and each of its replicas when it has several (on a cluster)."""
+    if entry.served is None:
+        return {}
+    engine = entry.served.engine
+    report: dict[str, Any] = dict(engine.stats())
+    if isinstance(engine, ReplicatedEngine):
+        report["replicas"] = [
+            {"id": r.replica_id, "node": r.node, "state": r.state, **r.stats}
+            for r in engine.replicas()
+        ]
+    return report
 
 
 def health_state(entry: ModelEntry) -> str:
@@ -46,7 +62,7 @@ async def health(request: Request) -> JSONResponse:
                 "id": e.id,
                 "engine": e.source.engine,
                 "state": health_state(e),
-                **(e.served.engine.stats() if e.served is not None else {}),
+                **engine_report(e),
             }
             for e in held
         ],

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from vllm_obtain.contract import ReplicatedEngine
 from vllm_obtain.core.generation import Deltas
 from vllm_obtain.core.registry import ModelRegistry
 
@@ -81,7 +82,38 @@ class EngineCollector:
                 kv.add_metric(values, float(stats["kv_cache_usage"]))
             restarts.add_metric(values, float(stats.get("restarts", 0)))
         yield from (up, running, queued, kv, restarts)
+        yield from self._replicas()
         yield from self._residency()
+
+    def _replicas(self) -> Iterator[Metric]:
+        """Each replica of a model served by several (on a cluster), labelled by replica."""
+        labels = ["model", "replica", "node"]
+        up = GaugeMetricFamily(f"{PREFIX}_replica_up", "1 when the replica serves", labels=labels)
+        running = GaugeMetricFamily(
+            f"{PREFIX}_replica_running_sequences", "sequences the replica decodes", labels=labels
+        )
+        kv = GaugeMetricFamily(
+            f"{PREFIX}_replica_kv_cache_usage_ratio", "share of its KV cache in use", labels=labels
+        )
+        requests = CounterMetricFamily(
+            f"{PREFIX}_replica_requests", "generations the replica has started", labels=labels
+        )
+        restarts = CounterMetricFamily(
+            f"{PREFIX}_replica_engine_restarts", "its engine's restarts", labels=labels
+        )
+        for model in self._models.all():
+            if not isinstance(model.engine, ReplicatedEngine):
+                continue
+            for replica in model.engine.replicas():
+                values = [model.id, replica.replica_id, replica.node]
+                stats = replica.stats
+                up.add_metric(values, 1.0 if replica.state == "ready" else 0.0)
+                running.add_metric(values, float(stats.get("running", 0)))
+                if "kv_cache_usage" in stats:
+                    kv.add_metric(values, float(stats["kv_cache_usage"]))
+                requests.add_metric(values, float(stats.get("requests", 0)))
+                restarts.add_metric(values, float(stats.get("restarts", 0)))
+        yield from (up, running, kv, requests, restarts)
 
     def _residency(self) -> Iterator[Metric]:
         """Every servable model: whether it is loaded, what it holds, its loads and unloads."""

@@ -28,10 +28,18 @@ GENERATION_PATHS = frozenset(
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: ServerMetrics, log_prompts: bool = False) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: ServerMetrics,
+        log_prompts: bool = False,
+        request_id_header: bool = True,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_prompts = log_prompts
+        self.request_id_header = request_id_header
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -47,7 +55,8 @@ class RequestContextMiddleware:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 record.status = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
+                if self.request_id_header:
+                    MutableHeaders(scope=message)[REQUEST_ID_HEADER] = record.request_id
             await send(message)
 
         path = scope["path"]

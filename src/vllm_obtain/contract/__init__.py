@@ -13,6 +13,7 @@ from vllm_obtain.contract.data import (
     GenerationRequest,
     JsonOutput,
     ModelInfo,
+    ReplicaReport,
     SamplingParams,
     TokenChunk,
     TokenLogprob,
@@ -24,6 +25,7 @@ from vllm_obtain.contract.engine import (
     Embedder,
     Engine,
     EngineState,
+    ReplicatedEngine,
 )
 from vllm_obtain.contract.errors import (
     EngineError,
@@ -49,6 +51,8 @@ __all__ = [
     "GenerationRequest",
     "JsonOutput",
     "ModelInfo",
+    "ReplicaReport",
+    "ReplicatedEngine",
     "SamplingParams",
     "StreamItem",
     "TokenChunk",

@@ -109,3 +109,18 @@ class EngineConfig:
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments as given
     cpu_kv_cache_gib: int | None = None  # vLLM on CPU: KV cache size
     max_batch: int = 32  # MLX: sequences decoded together
+    # vLLM sharded over Ray (tensor/pipeline parallel): the cluster, and the placement group
+    # (hex id) its workers go in, reserved by whoever started this engine.
+    ray_address: str | None = None
+    ray_placement_group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaReport:
+    """One replica of a model served by several engines at once (on a cluster): where it
+    runs, whether it serves, and its engine's gauges (as Engine.stats gives them)."""
+
+    replica_id: str
+    node: str
+    state: str  # the engine's state ("ready", "restarting", "failed"), or "unreachable"
+    stats: dict[str, float] = field(default_factory=dict)

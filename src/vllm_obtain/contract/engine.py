@@ -13,6 +13,7 @@ from vllm_obtain.contract.data import (
     EmbeddingModelInfo,
     GenerationRequest,
     ModelInfo,
+    ReplicaReport,
     TokenChunk,
 )
 
@@ -66,6 +67,16 @@ class Engine(Protocol):
     def stats(self) -> dict[str, float]:
         """Gauges for health and metrics: at least `running` and `waiting`; where the engine
         knows it, `kv_cache_usage` (0 to 1)."""
+        ...
+
+
+@runtime_checkable
+class ReplicatedEngine(Engine, Protocol):
+    """An engine that is several replicas of one model (on a cluster); its stats() are their
+    sum, and each replica reports itself for health and metrics."""
+
+    def replicas(self) -> list[ReplicaReport]:
+        """Every replica known now, in a stable order."""
         ...
 
 

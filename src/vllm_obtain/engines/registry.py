@@ -49,6 +49,8 @@ def _build_vllm(model_path: Path, config: EngineConfig) -> Engine:
         context_length=config.context_length,
         engine_args=config.vllm_args,
         cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+        ray_address=config.ray_address,
+        ray_placement_group=config.ray_placement_group,
     )
 
 

@@ -23,6 +23,7 @@ from loguru import logger
 
 from vllm_obtain.contract import Embedder, Engine, EngineError, TokenChunk
 from vllm_obtain.logs import InterceptHandler
+from vllm_obtain.runtime.parent_watch import die_with_parent
 from vllm_obtain.runtime.wire import (
     Cancel,
     Chunks,
@@ -217,6 +218,9 @@ def forward_logs(outbox: Outbox, level: str) -> None:
 
 def main(build: Callable[[Start], Engine | Embedder] = build_from_registry) -> int:
     """Read the Start message, build the engine with `build`, serve until stdin closes."""
+    # The pipe closing stops an engine in order; this is for when that cannot happen (the
+    # engine wedged in native code while its parent was SIGKILLed, as a Ray replica is).
+    die_with_parent(os.getppid())
     # The protocol owns the real stdout; anything native code prints goes to stderr instead.
     protocol_out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -47,11 +47,15 @@ class VllmEngine:
         context_length: int = 0,
         engine_args: dict[str, Any] | None = None,
         cpu_kv_cache_gib: int | None = None,
+        ray_address: str | None = None,
+        ray_placement_group: str | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self._context_length = context_length
         self._engine_args = dict(engine_args or {})
         self._cpu_kv_cache_gib = cpu_kv_cache_gib
+        self._ray_address = ray_address
+        self._ray_placement_group = ray_placement_group
         self._engine: Any = None
         self._tokenizer: Any = None
         self._running = 0
@@ -67,14 +71,19 @@ class VllmEngine:
         if self._cpu_kv_cache_gib is not None:
             # vLLM's CPU backend sizes its KV cache only from this variable.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._cpu_kv_cache_gib)
-        args: dict[str, Any] = {"model": str(self.model_dir), **self._engine_args}
-        if self._context_length:
-            args.setdefault("max_model_len", self._context_length)
-        args.setdefault("disable_log_stats", True)
+        args = engine_arguments(self.model_dir, self._engine_args, self._context_length)
         utilization = self._cpu_memory_utilization()
         if utilization is not None:
             args["gpu_memory_utilization"] = utilization
-        self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        engine_args = AsyncEngineArgs(**args)
+        if self._ray_placement_group is None:
+            self._engine = AsyncLLM.from_engine_args(engine_args)
+        else:
+            config = engine_args.create_engine_config()
+            config.parallel_config.placement_group = self._placement_group()
+            self._engine = AsyncLLM.from_vllm_config(
+                config, disable_log_stats=engine_args.disable_log_stats
+            )
         self._tokenizer = self._engine.get_tokenizer()
         config = self._engine.model_config
         self.max_running = self._engine.vllm_config.scheduler_config.max_num_seqs
@@ -86,6 +95,22 @@ class VllmEngine:
             bos_token=self._tokenizer.bos_token or "",
             eos_token=self._tokenizer.eos_token or "",
         )
+
+    def _placement_group(self) -> Any:
+        """The Ray placement group reserved for this engine's workers (vLLM sharded over Ray):
+        vLLM's Ray executor takes it instead of reserving GPUs of its own, which the replica
+        that started this engine already holds."""
+        import ray
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup
+
+        assert self._ray_placement_group is not None
+        if self._ray_address:
+            # vLLM's engine core, a process of its own, joins the cluster through this too.
+            os.environ["RAY_ADDRESS"] = self._ray_address
+        if not ray.is_initialized():
+            ray.init(address=self._ray_address, log_to_driver=False)
+        return PlacementGroup(PlacementGroupID(bytes.fromhex(self._ray_placement_group)))
 
     def _cpu_memory_utilization(self) -> float | None:
         """On a CPU, a gpu_memory_utilization that fits what is free (see cpu_memory.py)."""
@@ -183,6 +208,18 @@ class VllmEngine:
         finally:
             self._running -= 1
             await outputs.aclose()  # aborts the request inside vLLM if it is still running
+
+
+def engine_arguments(
+    model_dir: Path, engine_args: dict[str, Any], context_length: int
+) -> dict[str, Any]:
+    """vLLM's AsyncEngineArgs for the model: what the operator passed (--vllm-arg, and the
+    parallelism --tensor-parallel/--pipeline-parallel set) over our defaults."""
+    args: dict[str, Any] = {"model": str(model_dir), **engine_args}
+    if context_length:
+        args.setdefault("max_model_len", context_length)
+    args.setdefault("disable_log_stats", True)
+    return args
 
 
 def _node_memory() -> NodeMemory | None:
