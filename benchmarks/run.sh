@@ -13,6 +13,9 @@
 #                                           loads on request (cold) and a loaded one (warm), and
 #                                           memory across 20 load/unload cycles (starts its own
 #                                           server; a Q8_0 copy of the embedded model)
+#        benchmarks/run.sh --ray            the plain server against serve --ray with 1 and 2
+#                                           replicas, through Serve's proxy and its HAProxy mode
+#                                           (needs ./install.sh --ray)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results
@@ -47,6 +50,52 @@ fi
 if [ "${1:-}" = --model-cycles ]; then
   echo "== cold and warm time to first token, memory across load/unload cycles"
   $PY benchmarks/model_cycles.py --json "$OUT/model_cycles.json"
+  exit 0
+fi
+
+if [ "${1:-}" = --ray ]; then
+  # Each server alone on the machine, in turn (2 cores: two at once would share them), the
+  # plain one first and last so drift over the run shows. Every engine gets both cores: one
+  # replica 2 threads, two replicas 1 each.
+  run_ray() {  # NAME SERVE_ARGS...
+    local name=$1; shift
+    $OBTAIN serve --port 8109 --engine llama.cpp --embedding-model none \
+      --logs-dir "$OUT/logs" "$@" > "$OUT/$name.log" 2>&1 &
+    local pid=$!
+    wait_healthy http://127.0.0.1:8109 /health/ready
+    sleep 3  # the replicas' first reports, and a quiet machine
+    local stamp; stamp=$(date +%s)
+    bench --base-url http://127.0.0.1:8109 --names "$name" --concurrency 1 \
+      --requests-per-client 8 --max-tokens 128 --json "$OUT/ray_${name}_1_$stamp.json" | sed -n 1,2p
+    bench --base-url http://127.0.0.1:8109 --names "$name" --concurrency 16 \
+      --requests-per-client 2 --max-tokens 128 --json "$OUT/ray_${name}_16_$stamp.json" | sed -n 1,2p
+    # Per-request cost: one token each, so the HTTP path (proxy, ingress, handle) is the work.
+    bench --base-url http://127.0.0.1:8109 --names "$name-1token" --concurrency 16 \
+      --requests-per-client 8 --max-tokens 1 --json "$OUT/ray_${name}_short_$stamp.json" | sed -n 1,2p
+    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  }
+  rm -f "$OUT"/ray_*.json
+  echo "== plain server vs serve --ray: 128-token chats at 1 and 16 streams, then 1-token chats"
+  run_ray plain --threads 2
+  run_ray ray-1-python --ray --ray-proxy python --replicas 1 --threads 2
+  run_ray ray-1-haproxy --ray --ray-proxy haproxy --replicas 1 --threads 2
+  run_ray ray-2-python --ray --ray-proxy python --replicas 2 --threads 1
+  run_ray ray-2-haproxy --ray --ray-proxy haproxy --replicas 2 --threads 1
+  # With a core to spare for Ray's own processes: the engine on one thread on both sides.
+  run_ray plain-1thread --threads 1
+  run_ray ray-1-haproxy-1thread --ray --ray-proxy haproxy --replicas 1 --threads 1
+  run_ray plain --threads 2
+  reports() {  # LEVELS NAMES...: the report files of those servers, in that order
+    local levels=$1; shift
+    for name in "$@"; do for level in $levels; do ls "$OUT"/ray_"${name}"_"${level}"_*.json; done; done
+  }
+  $PY benchmarks/summarize.py $(reports "1 16" plain ray-1-python ray-1-haproxy ray-2-python \
+    ray-2-haproxy) --plot "$OUT/ray.png" \
+    --title "SmolLM2-135M Q4_1, 2 cores: one server vs serve --ray" | tee "$OUT/ray.md"
+  $PY benchmarks/summarize.py $(reports "1 16" plain-1thread ray-1-haproxy-1thread) \
+    | tee "$OUT/ray_1thread.md"
+  $PY benchmarks/summarize.py $(reports short plain ray-1-python ray-1-haproxy ray-2-python \
+    ray-2-haproxy) | tee "$OUT/ray_short.md"
   exit 0
 fi
 

@@ -376,13 +376,37 @@ def test_a_silent_replica_is_shown_unreachable_then_forgotten(monkeypatch):
 # --- deployment options ----------------------------------------------------------------------
 
 MODEL = ClusterModel("m", "m", "llama.cpp", "engine-m")
+
+
+def resources(options: dict[str, Any]) -> tuple[float, float]:
+    """The CPUs and GPUs a replica reserves."""
+    actor = options["ray_actor_options"]
+    return actor["num_cpus"], actor["num_gpus"]
+
+
+def test_every_deployment_runs_its_code_on_serves_own_event_loop():
+    from vllm_obtain.cluster.application import ingress_options
+
+    for options in (engine_options(Settings(), MODEL, cluster_gpus=0), ingress_options(Settings())):
+        env = options["ray_actor_options"]["runtime_env"]["env_vars"]
+        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
+def test_the_ingress_stays_on_the_head_node_beside_serves_proxy():
+    from vllm_obtain.cluster.application import ingress_options
+
+    actor = ingress_options(Settings())["ray_actor_options"]
+    assert actor["num_cpus"] == 0
+    assert "node:__internal_head__" in actor["resources"]
+
+
 VLLM = ClusterModel("big", "org/big", "vllm", "engine-big")
 
 
 def test_replicas_reserve_their_threads_and_take_as_many_requests_as_they_batch():
     options = engine_options(Settings(replicas=2, threads=1, parallel=4), MODEL, cluster_gpus=0)
     assert options["num_replicas"] == 2
-    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert resources(options) == (1.0, 0.0)
     assert options["max_ongoing_requests"] == 4
     assert options["max_queued_requests"] == -1  # the ingress bounds the queue
     router_path = options["request_router_config"]["request_router_class"]
@@ -403,17 +427,17 @@ def test_autoscaling_keeps_between_min_and_max_replicas_scaled_on_half_a_batch()
 
 
 def test_vllm_replicas_take_a_gpu_when_the_cluster_has_them():
-    assert engine_options(Settings(), VLLM, cluster_gpus=8)["ray_actor_options"]["num_gpus"] == 1
-    assert engine_options(Settings(), VLLM, cluster_gpus=0)["ray_actor_options"]["num_gpus"] == 0
+    assert resources(engine_options(Settings(), VLLM, cluster_gpus=8)) == (1.0, 1.0)
+    assert resources(engine_options(Settings(), VLLM, cluster_gpus=0)) == (1.0, 0.0)
     given = engine_options(Settings(replica_gpus=0.5, replica_cpus=4), VLLM, cluster_gpus=8)
-    assert given["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 0.5}
+    assert resources(given) == (4.0, 0.5)
     assert engine_options(Settings(), VLLM, cluster_gpus=8)["max_ongoing_requests"] == 256
 
 
 def test_a_sharded_model_gets_a_placement_group_of_one_gpu_per_worker():
     settings = Settings(tensor_parallel=2, pipeline_parallel=2, replica_cpus=2)
     options = engine_options(settings, VLLM, cluster_gpus=4)
-    assert options["ray_actor_options"] == {"num_cpus": 2.0, "num_gpus": 0}
+    assert resources(options) == (2.0, 0)
     assert options["placement_group_bundles"] == [
         {"CPU": 2.0, "GPU": 1.0},
         {"GPU": 1.0},
@@ -483,3 +507,31 @@ def test_the_default_model_is_served_under_its_alias_on_the_engine_chosen_here()
 def test_an_engine_config_without_sharding_has_no_ray_part():
     assert EngineConfig().ray_address is None
     assert parallel_size(EngineConfig()) == 1
+
+
+# --- taking the application down --------------------------------------------------------------
+
+
+def test_taking_down_gives_up_on_an_application_that_does_not_go_and_still_stops_ray(monkeypatch):
+    """Ray's own processes may have had the signal too (a terminal's Ctrl-C, systemd's default
+    KillMode): deleting the application then never returns, and must not hold the exit."""
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from vllm_obtain.cluster.launcher import take_down
+
+    release = threading.Event()
+    stopped: list[str] = []
+    monkeypatch.setattr(serve, "delete", lambda name: release.wait(30))
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
+    started = time.monotonic()
+    take_down(True, within=0.5)
+    assert time.monotonic() - started < 5
+    assert stopped == ["ray"]
+    release.set()
+    stopped.clear()
+    take_down(False, within=0.5)  # joined a cluster: Ray is not ours to stop
+    assert stopped == []

@@ -34,11 +34,24 @@ INGRESS_MAX_ONGOING = 4096
 VLLM_MAX_SEQS = 256
 # Serve imports the router by this path wherever a handle to the engine deployment is made.
 ROUTER = "vllm_obtain.cluster.router.PrefixAwareRouter"
+# Our deployments' code is asyncio through and through (blocking work goes to threads), so it
+# may run on Serve's own event loop, and a handle's router beside it: thread hops fewer per
+# streamed token (measured with one replica: +10 % tokens/s at 1 stream, +16 % at 16).
+SAME_LOOP = {
+    "env_vars": {
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+        "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    }
+}
 # The ingress and the board stay on the head node, beside Serve's proxy (HeadOnly) and
 # controller: losing another node must not take them (nor leave an orphaned ingress there,
 # still answering: a worker outlives its node's raylet for a while). Ray gives the head node
 # this resource.
-ON_THE_HEAD = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+ON_THE_HEAD: dict[str, Any] = {
+    "num_cpus": 0,
+    "resources": {"node:__internal_head__": 0.001},
+    "runtime_env": SAME_LOOP,
+}
 
 
 def deployment_name(model_id: str) -> str:
@@ -115,7 +128,7 @@ def engine_options(
     if world > 1:
         # One GPU a bundle, as vLLM's Ray executor wants; the replica (vLLM's driver) sits in
         # the first, whose GPU is its rank-0 worker's. PACK keeps them on as few nodes as fit.
-        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": 0}
+        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": 0, "runtime_env": SAME_LOOP}
         options["placement_group_bundles"] = [{"CPU": cpus, "GPU": 1.0}] + [
             {"GPU": 1.0} for _ in range(world - 1)
         ]
@@ -124,7 +137,11 @@ def engine_options(
         gpus = settings.replica_gpus
         if gpus is None:
             gpus = 1.0 if model.engine == "vllm" and cluster_gpus > 0 else 0.0
-        options["ray_actor_options"] = {"num_cpus": cpus, "num_gpus": gpus}
+        options["ray_actor_options"] = {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "runtime_env": SAME_LOOP,
+        }
     return options
 
 

@@ -31,7 +31,7 @@ PROXY_TIMEOUT_MARGIN_SECONDS = 30.0
 TAKE_DOWN_MARGIN_SECONDS = 15.0
 
 
-def connect(address: str, *, log_level: str = "INFO") -> bool:
+def connect(address: str, *, log_level: str = "INFO", proxy: str = "python") -> bool:
     """Join the cluster at `address` ('auto': the one this machine belongs to) or start a
     local Ray without the dashboard ('local'); True when this process started it."""
     # Our users keep their data to themselves; Ray reports usage unless told not to.
@@ -45,10 +45,12 @@ def connect(address: str, *, log_level: str = "INFO") -> bool:
     # console they would come prefixed, no longer JSON.
     common: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if address == LOCAL_RAY:
-        # Serve's proxy drains for 30 s before it stops, for load balancers to notice; with a
-        # Ray of our own there is none, and a SIGTERM would wait for nothing. (Read by the
-        # Serve processes this Ray starts, which inherit our environment.)
+        # Read by the Serve processes this Ray starts, which inherit our environment.
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if proxy == "haproxy" else "0"
+        # Serve's proxy (and HAProxy's ingress) drains for 30 s before it stops, for load
+        # balancers to notice; with a Ray of our own there is none to notice.
         os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "1")
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # HAProxy
         ray.init(
             address="local",
             num_cpus=os.cpu_count(),
@@ -95,7 +97,9 @@ def serve_on_ray(settings: Settings) -> int:
 
     assert settings.ray is not None
     models = cluster_models(settings, detect_platform())
-    started_ray = connect(settings.ray, log_level=settings.effective_log_level)
+    started_ray = connect(
+        settings.ray, log_level=settings.effective_log_level, proxy=settings.ray_proxy
+    )
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
