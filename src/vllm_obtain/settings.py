@@ -231,17 +231,17 @@ class Settings(BaseSettings):
         description="with --ray: CPUs each engine replica reserves",
         json_schema_extra=shown("--threads, else 1"),
     )
-    ray_proxy: Literal["python", "haproxy"] = Field(
-        "python",
-        description="with a Ray of our own (--ray alone): Serve's HTTP proxy, its Python one or "
-        "HAProxy (which also listens, unauthenticated, on ports 8404 and 9101 of every "
-        "interface); a cluster's is chosen where its head starts (RAY_SERVE_ENABLE_HA_PROXY)",
-    )
     replica_gpus: float | None = Field(
         None,
         ge=0,
         description="with --ray: GPUs each engine replica reserves",
         json_schema_extra=shown("vLLM on a cluster with GPUs: 1, or one per shard; else 0"),
+    )
+    ray_proxy: Literal["python", "haproxy"] = Field(
+        "python",
+        description="with a Ray of our own (--ray alone): Serve's HTTP proxy, its Python one or "
+        "HAProxy (which also listens, unauthenticated, on ports 8404 and 9101 of every "
+        "interface); a cluster's is chosen where its head starts (RAY_SERVE_ENABLE_HA_PROXY)",
     )
     # --- production: access, limits, recovery -----------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
