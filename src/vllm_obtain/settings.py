@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -21,6 +22,8 @@ PLATFORM_ENV_FILES = {"Darwin": ".env.mac", "Linux": ".env.linux", "Windows": ".
 ENGINE_CHOICES = ("auto", *ENGINE_NAMES)
 # `--ray` with no address: a Ray of our own, started and stopped with the server.
 LOCAL_RAY = "local"
+# What Ray takes for a cluster's address: host:port (its GCS), or a Ray Client URL.
+RAY_ADDRESS = re.compile(r"^(rays?://\S+|[^\s/:]+:\d+)$")
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -343,7 +346,7 @@ class Settings(BaseSettings):
     @classmethod
     def _ray_address(cls, value: str | None) -> str | None:
         # `serve --ray MODEL` would take the model for the address.
-        if value is not None and value not in (LOCAL_RAY, "auto") and ":" not in value:
+        if value is not None and value not in (LOCAL_RAY, "auto") and not RAY_ADDRESS.match(value):
             raise ValueError(
                 f"not a Ray address: {value!r} (host:6379, ray://host:10001, auto or local; "
                 "name models before --ray)"

@@ -5,6 +5,7 @@ scripted handle, the replica board, and what each flag becomes in the deployment
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,8 +15,7 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve not installed: ./install.sh --ray")
 
-from ray.exceptions import ActorDiedError
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import ActorDiedError, RayTaskError
 
 from vllm_obtain.cluster import board as board_module
 from vllm_obtain.cluster.application import (
@@ -35,7 +35,7 @@ from vllm_obtain.cluster.remote_engine import RemoteEngine
 from vllm_obtain.cluster.replica import parallel_size, sharded_over_ray
 from vllm_obtain.cluster.router import MIN_CACHED_TOKENS, PrefixAwareRouter
 from vllm_obtain.contract import (
-    EngineConfig,
+    EngineError,
     EngineRequestError,
     EngineUnavailableError,
     GenerationRequest,
@@ -43,6 +43,7 @@ from vllm_obtain.contract import (
     ReplicaReport,
     TokenChunk,
 )
+from vllm_obtain.core.generation import GenerationTimeoutError
 from vllm_obtain.core.served_model import QueueFullError
 from vllm_obtain.hardware import PlatformInfo
 from vllm_obtain.runtime.wire import ErrorReport
@@ -272,11 +273,23 @@ def test_a_stream_cut_after_its_first_token_ends_with_an_unavailable_error():
     assert len(handle.generate.calls) == 1
 
 
-def test_a_request_every_replica_fails_is_unavailable_after_a_few_tries():
-    handle = ScriptedHandle(generate=[[ActorDiedError()] for _ in range(3)])
+def test_a_request_is_tried_on_two_replicas_at_most():
+    """A prompt that crashes engines must not take down every replica in turn."""
+    handle = ScriptedHandle(generate=[[ActorDiedError()] for _ in range(2)])
     with pytest.raises(EngineUnavailableError):
         asyncio.run(collect(remote(handle), REQUEST))
-    assert len(handle.generate.calls) == 3
+    assert len(handle.generate.calls) == 2
+
+
+def test_an_exception_in_the_replicas_own_code_is_a_failure_not_a_lost_replica():
+    crashed = RayTaskError("generate", "Traceback...", ValueError("a bug"))
+    handle = ScriptedHandle(generate=[[crashed]], tokenize=[crashed])
+    with pytest.raises(EngineError) as raised:
+        asyncio.run(collect(remote(handle), REQUEST))
+    assert not isinstance(raised.value, EngineUnavailableError)  # a 500, not "retry later"
+    assert len(handle.generate.calls) == 1
+    with pytest.raises(EngineError):
+        asyncio.run(remote(handle).tokenize("hi", add_special=False))
 
 
 def test_a_request_an_engine_refuses_is_refused_once_not_retried():
@@ -288,12 +301,42 @@ def test_a_request_an_engine_refuses_is_refused_once_not_retried():
     assert len(handle.generate.calls) == 1
 
 
-def test_a_full_deployment_queue_is_a_full_queue():
-    handle = ScriptedHandle(
-        generate=[[BackPressureError(num_queued_requests=9, max_queued_requests=8)]]
-    )
-    with pytest.raises(QueueFullError):
-        asyncio.run(collect(remote(handle), REQUEST))
+def test_past_the_replicas_batches_and_the_queue_a_new_request_is_refused():
+    """Tokenizing waits for a replica's place like generating: the bound holds there."""
+    handle = ScriptedHandle(tokenize=[[1], [2]])
+    engine = RemoteEngine("m", "llama.cpp", handle, None, "engine-m", max_queue=1)
+    engine.max_running = 2
+
+    async def three_in_hand() -> None:
+        streams = [engine.generate(REQUEST) for _ in range(3)]
+        handle.generate.answers = [[chunk("x")] for _ in streams]
+        for stream in streams:
+            await anext(stream)  # each holds its place until closed
+        with pytest.raises(QueueFullError):
+            await engine.tokenize("hi", add_special=False)
+        await streams[0].aclose()
+        assert await engine.tokenize("hi", add_special=False) == [1]
+        for stream in streams[1:]:
+            await stream.aclose()
+
+    asyncio.run(three_in_hand())
+
+
+def test_a_request_waiting_too_long_for_a_replica_to_tokenize_it_times_out():
+    never: asyncio.Future[Any] | None = None
+
+    class Waits:
+        def remote(self, *args: Any, **kwargs: Any) -> Any:
+            nonlocal never
+            never = asyncio.get_running_loop().create_future()
+            return never
+
+    handle = ScriptedHandle()
+    handle.tokenize = Waits()  # type: ignore[assignment]
+    engine = RemoteEngine("m", "llama.cpp", handle, None, "engine-m", timeout=0.2)
+    with pytest.raises(GenerationTimeoutError):
+        asyncio.run(engine.tokenize("hi", add_special=False))
+    assert never is not None and never.cancelled()
 
 
 def test_a_client_leaving_cancels_the_request_on_its_replica():
@@ -305,6 +348,25 @@ def test_a_client_leaving_cancels_the_request_on_its_replica():
         await stream.aclose()
 
     asyncio.run(first_only())
+    assert handle.generate.made[0].cancelled
+
+
+def test_a_cancelled_request_cancels_the_request_on_its_replica():
+    handle = ScriptedHandle(generate=[[chunk("a")] + [chunk("b")] * 1000])
+
+    async def cancel_midway() -> None:
+        async def consume() -> None:
+            async with contextlib.aclosing(remote(handle).generate(REQUEST)) as stream:
+                async for _ in stream:
+                    await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_midway())
     assert handle.generate.made[0].cancelled
 
 
@@ -321,7 +383,7 @@ def test_tokenizing_is_retried_while_a_replica_is_lost():
 
 
 def test_loading_takes_what_the_replicas_serve():
-    description = ReplicaDescription("llama.cpp", INFO, frozenset({"temperature", "seed"}), 4)
+    description = ReplicaDescription(INFO, frozenset({"temperature", "seed"}), 4)
     handle = ScriptedHandle(describe=[description])
     engine = remote(handle)
 
@@ -348,7 +410,7 @@ def test_the_replicas_reports_make_the_deployments_state_gauges_and_capacity():
     assert engine.state == "ready"
     assert engine.max_running == 4  # one replica ready
     stats = engine.stats()
-    assert stats["running"] == 3 and stats["requests"] == 8 and stats["replicas"] == 1
+    assert stats["running"] == 3 and stats["requests"] == 8 and stats["ready_replicas"] == 1
     assert stats["kv_cache_usage"] == 0.5
     engine.take_reports([ReplicaReport("b", "n2", "unreachable", {})])
     assert engine.state == "restarting"
@@ -502,11 +564,6 @@ def test_the_default_model_is_served_under_its_alias_on_the_engine_chosen_here()
     )
     renamed = cluster_models(Settings(served_model_name="chat"), info)
     assert renamed[0].id == "chat"
-
-
-def test_an_engine_config_without_sharding_has_no_ray_part():
-    assert EngineConfig().ray_address is None
-    assert parallel_size(EngineConfig()) == 1
 
 
 # --- taking the application down --------------------------------------------------------------

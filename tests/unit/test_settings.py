@@ -58,8 +58,9 @@ def test_ray_takes_an_address_auto_or_local_but_never_a_model_name():
 
     for address in ("local", "auto", "10.0.0.1:6379", "ray://head:10001"):
         assert Settings(ray=address).ray == address
-    with pytest.raises(ValidationError, match="name models before --ray"):
-        Settings(ray="qwen-0.5b")
+    for model in ("qwen-0.5b", "org/name:Q4_K_M", "./my.gguf"):
+        with pytest.raises(ValidationError, match="name models before --ray"):
+            Settings(ray=model)
 
 
 def test_autoscaling_takes_a_replica_range():

@@ -156,12 +156,17 @@ def ingress_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+# loguru's levels that the standard logging Serve uses does not have.
+SERVE_LEVELS = {"TRACE": "DEBUG", "SUCCESS": "INFO"}
+
+
 def serve_logging(settings: Settings) -> dict[str, Any]:
     """Ray Serve's own log lines (its controller, proxy and replica files): JSON in prod, as
     ours are; no access log, as the ingress writes one line per request."""
+    level = settings.effective_log_level
     return {
         "encoding": "JSON" if settings.mode == "prod" else "TEXT",
-        "log_level": settings.effective_log_level,
+        "log_level": SERVE_LEVELS.get(level, level),
         "enable_access_log": False,
     }
 

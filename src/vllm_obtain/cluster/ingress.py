@@ -28,7 +28,15 @@ def remote_registry(
     served = [
         ServedModel(
             id=model.id,
-            engine=RemoteEngine(model.id, model.engine, engines[model.id], board, model.deployment),
+            engine=RemoteEngine(
+                model.id,
+                model.engine,
+                engines[model.id],
+                board,
+                model.deployment,
+                max_queue=settings.max_queue,
+                timeout=settings.request_timeout,
+            ),
             chat_template=template,
             limits=limits_from(settings),
         )

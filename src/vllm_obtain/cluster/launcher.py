@@ -81,6 +81,20 @@ def start_serve(settings: Settings) -> None:
     )
 
 
+def proxy_url(settings: Settings) -> str:
+    """Where Serve's proxy listens: ours, unless Serve already ran on the cluster with its own
+    (the first serve.start there decides; Serve keeps the HTTP options in its client)."""
+    from ray.serve.context import _get_global_client
+
+    asked = f"http://{settings.host}:{settings.port}"
+    try:
+        client = _get_global_client()
+        http = client.http_config if client is not None else None
+    except Exception:  # Serve's private client moved: say what we asked for
+        return asked
+    return f"http://{http.host}:{http.port}" if http is not None else asked
+
+
 def cluster_gpus() -> float:
     import ray
 
@@ -121,10 +135,9 @@ def serve_on_ray(settings: Settings) -> int:
             return 1
         serving = True
         logger.info(
-            "serving {} on Ray Serve at http://{}:{} (up in {:.1f}s)",
+            "serving {} on Ray Serve at {} (up in {:.1f}s)",
             ", ".join(m.id for m in models),
-            settings.host,
-            settings.port,
+            proxy_url(settings),
             time.perf_counter() - started,
         )
         while not stop.wait(1.0):

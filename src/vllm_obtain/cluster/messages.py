@@ -16,7 +16,6 @@ from vllm_obtain.runtime.wire import ErrorReport
 class ReplicaDescription:
     """A replica's loaded model and what its engine offers (the same on every replica)."""
 
-    engine: str
     info: ModelInfo
     supported_params: frozenset[str]
     max_running: int  # sequences its engine decodes at once

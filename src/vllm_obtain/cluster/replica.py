@@ -104,19 +104,20 @@ class EngineReplica:
             os.getpid(),
         )
 
+    # Every call takes `avoid`: the replicas a retried call failed on, read by the router in
+    # the caller's process (cluster.router), not here.
+
     async def describe(self, avoid: tuple[str, ...] = ()) -> ReplicaDescription:
-        """What this replica serves (`avoid` is the router's; see cluster.router)."""
-        return ReplicaDescription(
-            self.engine.name, self._info, self.engine.supported_params, self.engine.max_running
-        )
+        """What this replica serves."""
+        return ReplicaDescription(self._info, self.engine.supported_params, self.engine.max_running)
 
     async def tokenize(
         self, text: str, add_special: bool, avoid: tuple[str, ...] = ()
     ) -> list[int] | ReplicaFault:
         try:
             return await self.engine.tokenize(text, add_special=add_special)
-        except EngineError as exc:
-            return ReplicaFault(ErrorReport.of(exc), self.replica_id)
+        except Exception as exc:
+            return self._fault(exc)
 
     async def generate(
         self, request: GenerationRequest, avoid: tuple[str, ...] = ()
@@ -127,8 +128,14 @@ class EngineReplica:
             async with contextlib.aclosing(self.engine.generate(request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
-        except EngineError as exc:
-            yield ReplicaFault(ErrorReport.of(exc), self.replica_id)
+        except Exception as exc:
+            yield self._fault(exc)
+
+    def _fault(self, exc: Exception) -> ReplicaFault:
+        """A failure as an answer, its kind kept; one that is not the engine's is a bug here."""
+        if not isinstance(exc, EngineError):
+            logger.opt(exception=exc).error("replica {} failed: {}", self.replica_id, exc)
+        return ReplicaFault(ErrorReport.of(exc), self.replica_id)
 
     def check_health(self) -> None:
         """Ray Serve replaces a replica whose check fails: its engine has given up."""
@@ -152,7 +159,8 @@ class EngineReplica:
 
     async def __del__(self) -> None:
         """Ray Serve's graceful shutdown of this replica: the engine process goes with it."""
-        logger.info("replica {} of {} stopping", getattr(self, "replica_id", "?"), self._model.id)
+        replica = getattr(self, "replica_id", "?")
+        logger.info("replica {} stopping", replica)
         reporting = getattr(self, "_reporting", None)
         if reporting is not None:
             reporting.cancel()
@@ -163,4 +171,4 @@ class EngineReplica:
         engine = getattr(self, "engine", None)
         if engine is not None:
             await engine.unload()
-        logger.info("replica {} stopped", getattr(self, "replica_id", "?"))
+        logger.info("replica {} stopped", replica)
