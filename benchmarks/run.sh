@@ -84,6 +84,9 @@ if [ "${1:-}" = --ray ]; then
   # With a core to spare for Ray's own processes: the engine on one thread on both sides.
   run_ray plain-1thread --threads 1
   run_ray ray-1-haproxy-1thread --ray --ray-proxy haproxy --replicas 1 --threads 1
+  # The two proxies again, the other way round: the default is chosen on medians of both.
+  run_ray ray-1-haproxy --ray --ray-proxy haproxy --replicas 1 --threads 2
+  run_ray ray-1-python --ray --ray-proxy python --replicas 1 --threads 2
   run_ray plain --threads 2
   reports() {  # LEVELS NAMES...: the report files of those servers, in that order
     local levels=$1; shift

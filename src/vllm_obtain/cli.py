@@ -107,6 +107,7 @@ def selftest(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     """What this machine has, and which engine would serve which model, and why."""
+    from vllm_obtain.cluster import RAY_INSTALL_HINT, ray_serve_version
     from vllm_obtain.contract import EngineNotInstalledError
     from vllm_obtain.engines.registry import ENGINE_NAMES
     from vllm_obtain.hardware import choose_engine, detect_platform, llama_cpp_gpu_warning
@@ -129,6 +130,7 @@ def doctor(args: argparse.Namespace) -> int:
         None: "not installed",
     }
     print(f"gpu offload {'llama.cpp':10} {offload[info.llama_gpu_offload]}")
+    print(f"cluster     {'ray serve':10} {ray_serve_version() or '- (' + RAY_INSTALL_HINT + ')'}")
     if warning := llama_cpp_gpu_warning(info):
         print(warning)
     names = list(settings.model) or list(aliases())

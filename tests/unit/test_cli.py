@@ -140,6 +140,8 @@ def test_run_py_doctor_reports_the_machine_instead_of_serving_a_model_named_doct
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("system ")
     assert "smollm2-135m-instruct" in done.stdout
+    ray_line = next(line for line in done.stdout.splitlines() if line.startswith("cluster"))
+    assert "ray serve" in ray_line  # its version, or how to install it
 
 
 # --- pull, list, rm, ps ---------------------------------------------------------------------

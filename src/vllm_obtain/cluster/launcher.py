@@ -31,7 +31,7 @@ PROXY_TIMEOUT_MARGIN_SECONDS = 30.0
 TAKE_DOWN_MARGIN_SECONDS = 15.0
 
 
-def connect(address: str, *, log_level: str = "INFO", proxy: str = "python") -> bool:
+def connect(address: str, *, log_level: str = "INFO", proxy: str = "haproxy") -> bool:
     """Join the cluster at `address` ('auto': the one this machine belongs to) or start a
     local Ray without the dashboard ('local'); True when this process started it."""
     # Our users keep their data to themselves; Ray reports usage unless told not to.
