@@ -49,9 +49,15 @@ def start_server(
 
 @contextlib.contextmanager
 def running_server(
-    workdir: Path, args: list[str], port: int, cache_dir: Path | None = None
+    workdir: Path,
+    args: list[str],
+    port: int,
+    cache_dir: Path | None = None,
+    *,
+    open_files: int | None = None,
 ) -> Iterator[RunningServer]:
-    """As start_server, with the process at hand (for signals) and its log file."""
+    """As start_server, with the process at hand (for signals) and its log file; `open_files`
+    caps its open-files limit (soft and hard), as a container or CI runner may."""
     log_path = workdir / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBTAIN_")}
     command = [
@@ -61,7 +67,12 @@ def running_server(
     ]  # fmt: skip
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+            preexec_fn=None if open_files is None else lambda: _limit_open_files(open_files),
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -73,6 +84,12 @@ def running_server(
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _limit_open_files(limit: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 @pytest.fixture(scope="session")

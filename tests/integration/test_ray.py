@@ -41,7 +41,9 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServ
         "--max-queue", str(QUEUE),
     ]  # fmt: skip
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # the server sets it too; this is the test's word
-    with running_server(workdir, args, free_port()) as server:
+    # 4096 open files, hard: a CI runner's limit, under which HAProxy would not start unless
+    # asked for fewer connections than Serve's default.
+    with running_server(workdir, args, free_port(), open_files=4096) as server:
         wait_for(lambda: len(ready_replicas(server.url)) == 2, 60, "two ready replicas")
         yield server
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -592,3 +593,38 @@ def test_taking_down_gives_up_on_an_application_that_does_not_go_and_still_stops
     stopped.clear()
     take_down(False, within=0.5)  # joined a cluster: Ray is not ours to stop
     assert stopped == []
+
+
+# --- HAProxy within the open-files limit ------------------------------------------------------
+
+
+def test_haproxy_is_asked_for_no_more_connections_than_the_open_files_limit_holds():
+    from vllm_obtain.cluster.launcher import (
+        HAPROXY_FDS_PER_CONNECTION,
+        SERVE_HAPROXY_MAXCONN,
+        haproxy_connection_limit,
+    )
+
+    assert haproxy_connection_limit(1_048_576) == SERVE_HAPROXY_MAXCONN
+    fitted = haproxy_connection_limit(4096)  # the CI runner's limit, where HAProxy would not start
+    assert 1000 < fitted < SERVE_HAPROXY_MAXCONN
+    assert fitted * HAPROXY_FDS_PER_CONNECTION + 100 < 4096
+    assert haproxy_connection_limit(100) > 0
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit_before_haproxy_is_fitted(monkeypatch):
+    import resource
+
+    from vllm_obtain.cluster import launcher
+
+    limits = {"now": (1024, 4096)}
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, pair: limits.update(now=pair))
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_MAXCONN", raising=False)
+    launcher.fit_haproxy_to_open_files()
+    assert limits["now"] == (4096, 4096)
+    assert os.environ["RAY_SERVE_HAPROXY_MAXCONN"] == str(launcher.haproxy_connection_limit(4096))
+
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_MAXCONN", "200")  # the user's own figure stays
+    launcher.fit_haproxy_to_open_files()
+    assert os.environ["RAY_SERVE_HAPROXY_MAXCONN"] == "200"

@@ -30,6 +30,15 @@ PROXY_TIMEOUT_MARGIN_SECONDS = 30.0
 # Deleting the application: its replicas' graceful shutdown, then Serve's own bookkeeping.
 TAKE_DOWN_MARGIN_SECONDS = 15.0
 
+# HAProxy holds about 2.5 descriptors per connection (client and server sides, and a pipe
+# pair for every fourth, which it splices) and refuses to start when the open-files limit
+# cannot hold them all. Serve asks for 4096 connections: 10,276 descriptors, more than the
+# 4096 that containers and CI runners commonly allow.
+SERVE_HAPROXY_MAXCONN = 4096
+HAPROXY_FDS_PER_CONNECTION = 2.5
+HAPROXY_SPARE_FDS = 128  # listeners, pollers, the stats socket, health checks
+HAPROXY_MIN_CONNECTIONS = 64
+
 
 def connect(address: str, *, log_level: str = "INFO", proxy: str = "haproxy") -> bool:
     """Join the cluster at `address` ('auto': the one this machine belongs to) or start a
@@ -51,6 +60,8 @@ def connect(address: str, *, log_level: str = "INFO", proxy: str = "haproxy") ->
         # balancers to notice; with a Ray of our own there is none to notice.
         os.environ.setdefault("RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S", "1")
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")  # HAProxy
+        if proxy == "haproxy":
+            fit_haproxy_to_open_files()
         ray.init(
             address="local",
             num_cpus=os.cpu_count(),
@@ -61,6 +72,44 @@ def connect(address: str, *, log_level: str = "INFO", proxy: str = "haproxy") ->
         return True
     ray.init(address=address, **common)
     return False
+
+
+def haproxy_connection_limit(open_files: int) -> int:
+    """The most connections HAProxy can hold within `open_files` descriptors (Serve's own
+    figure when they fit)."""
+    fitting = int((open_files - HAPROXY_SPARE_FDS) / HAPROXY_FDS_PER_CONNECTION)
+    return max(HAPROXY_MIN_CONNECTIONS, min(SERVE_HAPROXY_MAXCONN, fitting))
+
+
+def fit_haproxy_to_open_files() -> None:
+    """Raise this process's open-files limit to its hard limit (the local Ray, and HAProxy
+    under it, inherit it), and ask HAProxy for no more connections than that holds; a
+    RAY_SERVE_HAPROXY_MAXCONN of the user's own is theirs to keep."""
+    try:
+        import resource
+    except ImportError:  # Windows, where Serve runs its Python proxy
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = SERVE_HAPROXY_MAXCONN * 3  # ample for Serve's own figure
+    target = wanted if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted))
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-files limit to {}: {}", target, exc)
+    if "RAY_SERVE_HAPROXY_MAXCONN" in os.environ:
+        return
+    connections = haproxy_connection_limit(soft)
+    os.environ["RAY_SERVE_HAPROXY_MAXCONN"] = str(connections)
+    if connections < SERVE_HAPROXY_MAXCONN:
+        logger.warning(
+            "HAProxy will hold {} connections at most: the open-files limit is {} "
+            "(raise it, `ulimit -Hn` or systemd's LimitNOFILE, for Serve's {})",
+            connections,
+            soft,
+            SERVE_HAPROXY_MAXCONN,
+        )
 
 
 def start_serve(settings: Settings) -> None:
