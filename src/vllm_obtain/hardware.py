@@ -6,6 +6,8 @@ Detection gathers facts (`detect_platform`); the choice is a pure function of th
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import shutil
@@ -16,6 +18,8 @@ from pathlib import Path
 from vllm_obtain.contract import EngineNotInstalledError
 from vllm_obtain.engines.registry import ENGINES, installed_engines, llama_cpp_gpu_offload
 from vllm_obtain.weights.catalog import ModelFormat
+
+RAY_INSTALL_HINT = "./install.sh --ray, or pip install 'vllm-obtain[ray]'"
 
 CPU_FEATURES = ("avx", "avx2", "avx512f", "avx512_bf16", "amx_tile", "neon", "asimd")
 
@@ -207,3 +211,14 @@ def _amd_gpus() -> tuple[GPU, ...]:
     return tuple(GPU("amd", name.strip() or "AMD GPU") for name in names) or (
         GPU("amd", "AMD GPU"),
     )
+
+
+def ray_serve_version() -> str | None:
+    """The installed Ray's version when Ray Serve is there (`serve --ray`), without importing
+    it."""
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        return None
+    try:
+        return importlib.metadata.version("ray")
+    except importlib.metadata.PackageNotFoundError:
+        return None

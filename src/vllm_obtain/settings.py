@@ -267,6 +267,11 @@ class Settings(BaseSettings):
             env="OBTAIN_CORS_ORIGINS (o1,o2)",
         ),
     )
+    ui: bool = Field(
+        True,
+        description="the web playground and dashboard at /; --no-ui: / answers a short JSON "
+        "pointing at /v1",
+    )
     max_queue: int = Field(
         256, ge=0, description="sequences that may wait per model beyond those running; then 429"
     )
@@ -437,3 +442,11 @@ def settings_table() -> str:
 
 if __name__ == "__main__":  # python -m vllm_obtain.settings: README's table, to paste in
     print(settings_table())
+
+
+def split_engine(spec: str, default: str) -> tuple[str, str]:
+    """`NAME@ENGINE` -> (NAME, ENGINE); a plain NAME keeps the default engine choice."""
+    name, at, engine = spec.rpartition("@")
+    if at and engine in ENGINE_NAMES:
+        return name, engine
+    return spec, default

@@ -8,6 +8,7 @@ The only module that knows every layer; the CLI and uvicorn's reloader start her
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -25,9 +26,9 @@ from vllm_obtain.core.registry import ModelRegistry, ModelSource
 from vllm_obtain.core.residency import ResidencyPolicy
 from vllm_obtain.core.response_store import ResponseStore
 from vllm_obtain.core.served_model import ServedModel, ServingLimits
+from vllm_obtain.doctor import system_report
 from vllm_obtain.engines.registry import (
     EMBEDDING_ENGINE,
-    ENGINE_NAMES,
     build_embedder,
     build_engine,
     engine_spec,
@@ -36,7 +37,7 @@ from vllm_obtain.hardware import PlatformInfo, choose_engine, detect_platform
 from vllm_obtain.logs import LOG_FILE, configure_logging
 from vllm_obtain.runtime.supervisor import SupervisedEmbedder, SupervisedEngine
 from vllm_obtain.runtime.wire import Start
-from vllm_obtain.settings import Settings, budget_bytes
+from vllm_obtain.settings import Settings, budget_bytes, split_engine
 from vllm_obtain.weights.catalog import (
     ModelResolutionError,
     embedding_aliases,
@@ -82,6 +83,7 @@ def create_server_app(
         response_store=build_response_store(settings),
         on_load_failure=on_load_failure,
         model_puller=None if on_cluster else model_puller(settings),
+        system_report=functools.cache(functools.partial(system_report, settings)),
     )
 
 
@@ -116,6 +118,7 @@ def api_config(settings: Settings) -> ApiConfig:
         cors_origins=tuple(settings.cors_origins),
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
         log_prompts=settings.log_prompts,
+        ui=settings.ui,
     )
 
 
@@ -337,14 +340,6 @@ def weights_format(model: InstalledModel) -> str:
     if model.format != "alias" or not model.path.exists():
         return model.format
     return "gguf" if model.path.is_file() else "hf"
-
-
-def split_engine(spec: str, default: str) -> tuple[str, str]:
-    """`NAME@ENGINE` -> (NAME, ENGINE); a plain NAME keeps the default engine choice."""
-    name, at, engine = spec.rpartition("@")
-    if at and engine in ENGINE_NAMES:
-        return name, engine
-    return spec, default
 
 
 def isolated_engine(

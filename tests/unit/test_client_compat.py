@@ -103,7 +103,7 @@ def test_embedding_errors_name_the_input_not_pydantic_s_type_labels(body, param)
     assert "constrained" not in error["message"] and "[" not in (error["param"] or "")[:5]
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/nothing"), ("GET", "/"),
+@pytest.mark.parametrize(("method", "path"), [("POST", "/v1/nothing"), ("GET", "/v1"),
                                               ("GET", "/v2/models")])  # fmt: skip
 def test_an_unknown_route_answers_in_openai_s_envelope(method, path):
     with make_client(ScriptedEngine()) as client:

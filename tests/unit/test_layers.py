@@ -32,15 +32,18 @@ ALLOWED: dict[str, set[str]] = {
     "hardware": {"contract", "engines", "weights"},
     "bench": set(),
     "wiring": {
-        "api", "core", "contract", "engines", "hardware", "logs", "runtime", "settings", "weights",
+        "api", "core", "contract", "doctor", "engines", "hardware", "logs", "runtime", "settings",
+        "weights",
     },
     # The server on Ray Serve: above the wiring, whose pieces its deployments assemble.
     "cluster": {"contract", "core", "hardware", "logs", "runtime", "settings", "wiring"},
+    # What this machine has (`doctor`, the dashboard): read from the layers that know it.
+    "doctor": {"contract", "engines", "hardware", "settings", "weights"},
     "cli_flags": {"settings"},
     "model_commands": {"cli_flags", "contract", "hardware", "settings", "weights"},
     "cli": {
         "contract", "core", "engines", "hardware", "settings", "weights", "wiring", "bench",
-        "cli_flags", "model_commands", "cluster",
+        "cli_flags", "model_commands", "cluster", "doctor",
     },
     "__main__": {"cli"},
     "": set(),
@@ -54,6 +57,7 @@ MAY_IMPORT_ENGINES = {
     "vllm_obtain.hardware",
     "vllm_obtain.wiring",
     "vllm_obtain.cli",
+    "vllm_obtain.doctor",
 }
 # Modules every backend may share.
 ENGINE_SHARED = {"vllm_obtain.engines.engine_thread"}

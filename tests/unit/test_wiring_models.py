@@ -11,9 +11,9 @@ import pytest
 
 from vllm_obtain.core.residency import GIB
 from vllm_obtain.hardware import GPU, PlatformInfo
-from vllm_obtain.settings import Settings
+from vllm_obtain.settings import Settings, split_engine
 from vllm_obtain.weights.catalog import packaged_file
-from vllm_obtain.wiring import build_registry, residency_policy, split_engine
+from vllm_obtain.wiring import build_registry, residency_policy
 
 LINUX_CPU = PlatformInfo(
     "Linux", "x86_64", 2, memory_gib=24.0, installed_engines=("llama.cpp", "vllm", "mlx")

@@ -15,6 +15,9 @@ from vllm_obtain.api.errors import AuthenticationError, PayloadTooLargeError, er
 
 OPEN_PATHS_HEALTH = "/health"
 OPEN_PATH_METRICS = "/metrics"
+# The web page and its assets carry no secrets: it asks for a key, then calls the API with it.
+OPEN_PAGE = "/"
+OPEN_PAGE_ASSETS = "/ui/"
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:
@@ -35,21 +38,22 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class ApiKeyMiddleware:
-    """Every route needs `Authorization: Bearer <key>`; /health and /metrics only if asked."""
+    """Every route needs `Authorization: Bearer <key>`; /health and /metrics only if asked,
+    the web page never."""
 
     def __init__(
         self, app: ASGIApp, *, keys: Sequence[str], auth_health: bool, auth_metrics: bool
     ) -> None:
         self.app = app
         self.keys = list(keys)
-        self.open_prefixes = tuple(
-            p
-            for p, guarded in ((OPEN_PATHS_HEALTH, auth_health), (OPEN_PATH_METRICS, auth_metrics))
-            if not guarded
-        )
+        guarded = {OPEN_PATHS_HEALTH: auth_health, OPEN_PATH_METRICS: auth_metrics}
+        self.open_prefixes = (OPEN_PAGE_ASSETS, *(p for p, shut in guarded.items() if not shut))
+
+    def is_open(self, path: str) -> bool:
+        return path == OPEN_PAGE or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.open_prefixes):
+        if scope["type"] != "http" or self.is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
 from pydantic import BaseModel, Field
 
-from vllm_obtain.api.errors import InvalidRequestError
+from vllm_obtain.api.errors import InvalidRequestError, NotFoundError
 from vllm_obtain.api.request_scope import registry_of
 from vllm_obtain.core.registry import ModelStatus
 
@@ -26,6 +26,9 @@ router = APIRouter(tags=["admin"])
 # Fetches a model by name (an alias, org/name[:QUANT], a URL), reporting progress as plain
 # dicts; returns the id it is served under. Blocking: it runs in a thread. (wiring.pull_model)
 ModelPuller = Callable[[str, str | None, Callable[[dict[str, Any]], None]], str]
+# What this machine has and which engine serves what, as `vllm-obtain doctor` tells it
+# (wiring: doctor.system_report, computed once).
+SystemReport = Callable[[], dict[str, Any]]
 # Progress lines at most this often (the last one of each file always).
 PROGRESS_INTERVAL_SECONDS = 0.25
 
@@ -65,6 +68,16 @@ async def unload_model(model_id: str, request: Request) -> JSONResponse:
     """Unload a model once the requests using it have finished."""
     await registry_of(request).unload(model_id)
     return _status_of(request, model_id)
+
+
+@router.get("/admin/system")
+async def system(request: Request) -> JSONResponse:
+    """The machine, the engines installed, and the engine each model gets, and why."""
+    report: SystemReport | None = request.app.state.system_report
+    if report is None:
+        raise NotFoundError("This server has no system report.", code="not_found")
+    # Probing the llama.cpp build may spawn a process: not on the event loop.
+    return JSONResponse(await asyncio.to_thread(report))
 
 
 @router.post("/admin/pull")

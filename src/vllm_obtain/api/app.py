@@ -21,9 +21,10 @@ from vllm_obtain.api import (
     metrics,
     models,
     responses,
+    ui,
 )
 from vllm_obtain.api.access import ApiKeyMiddleware, BodyLimitMiddleware
-from vllm_obtain.api.admin import ModelPuller
+from vllm_obtain.api.admin import ModelPuller, SystemReport
 from vllm_obtain.api.errors import install_error_handlers
 from vllm_obtain.api.metrics import ServerMetrics
 from vllm_obtain.api.middleware import JsonBodyMiddleware, RequestContextMiddleware
@@ -45,6 +46,7 @@ class ApiConfig:
     # Whether responses get our X-Request-ID header: not behind Ray Serve's proxy, which sets
     # it itself (from the request's, as we would).
     request_id_header: bool = True
+    ui: bool = True  # the web playground and dashboard at /
 
 
 def create_app(
@@ -55,6 +57,7 @@ def create_app(
     response_store: ResponseStore | None = None,
     on_load_failure: Callable[[], None] | None = None,
     model_puller: ModelPuller | None = None,
+    system_report: SystemReport | None = None,
 ) -> FastAPI:
     """The app serving `registry`'s models (vllm_obtain.wiring builds them from the settings;
     tests pass their own). Models load in the background once it starts, so health checks can
@@ -90,6 +93,7 @@ def create_app(
     app.state.config = config
     app.state.response_store = response_store  # None: /v1/responses stores nothing
     app.state.model_puller = model_puller  # None: POST /admin/pull refuses
+    app.state.system_report = system_report  # None: GET /admin/system has nothing to say
     app.state.metrics = ServerMetrics(registry)
     install_error_handlers(app)
     # Added innermost first: a request meets the request context (id, log line, metrics), then
@@ -118,6 +122,8 @@ def create_app(
         log_prompts=config.log_prompts,
         request_id_header=config.request_id_header,
     )
-    for module in (chat, completions, responses, embeddings, models, admin, health, metrics):
+    for module in (chat, completions, responses, embeddings, models, admin, health, metrics, ui):
         app.include_router(module.router)
+    if config.ui:
+        ui.mount_assets(app)
     return app

@@ -21,6 +21,16 @@ REQUEST_ID_HEADER = "x-request-id"
 ON_RESPONSE_END = "on_response_end"
 # Probes and scrapes arrive every few seconds; their lines are DEBUG so they do not drown the rest.
 QUIET_PATHS = ("/health", "/metrics")
+# So do the dashboard's reads (an open page polls), and the page's own files.
+QUIET_READS = ("/admin/models", "/admin/system", "/ui/")
+
+
+def is_quiet(method: str, path: str) -> bool:
+    """Whether a request's log line is DEBUG: probes, scrapes, and reads a web page repeats."""
+    reads = method in ("GET", "HEAD") and (path == "/" or path.startswith(QUIET_READS))
+    return reads or path.startswith(QUIET_PATHS)
+
+
 # The routes whose requests last long enough for an in-flight gauge to mean something.
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
@@ -94,7 +104,7 @@ class RequestContextMiddleware:
             fields["ttft_ms"] = round((record.first_token_at - record.started) * 1000, 1)
         if self.log_prompts and record.prompt is not None:
             fields["prompt"] = record.prompt
-        level = "DEBUG" if record.path.startswith(QUIET_PATHS) else "INFO"
+        level = "DEBUG" if is_quiet(record.method, record.path) else "INFO"
         tokens = (
             f" {record.model} {record.prompt_tokens}+{record.completion_tokens} tokens"
             if record.model is not None

@@ -11,10 +11,11 @@ itself does not.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 
-RAY_INSTALL_HINT = "./install.sh --ray, or pip install 'vllm-obtain[ray]'"
+from vllm_obtain.hardware import RAY_INSTALL_HINT, ray_serve_version
+
+__all__ = ["RAY_INSTALL_HINT", "RayNotInstalledError", "ray_serve_version", "require_ray"]
 
 
 class RayNotInstalledError(RuntimeError):
@@ -27,12 +28,3 @@ def require_ray() -> None:
         raise RayNotInstalledError(
             f"--ray needs Ray Serve, which is not installed: {RAY_INSTALL_HINT}"
         )
-
-
-def ray_serve_version() -> str | None:
-    """The installed Ray's version when Ray Serve is there (for `doctor`), without importing it."""
-    try:
-        require_ray()
-        return importlib.metadata.version("ray")
-    except (RayNotInstalledError, importlib.metadata.PackageNotFoundError):
-        return None
