@@ -6,8 +6,7 @@ import { apiKey, forgetKey, getJson, rememberKey } from "./api.js";
 import { setUpChat } from "./chat.js";
 import { setUpDashboard } from "./dashboard.js";
 import { setUpEmbeddings } from "./embeddings.js";
-
-const $ = (id) => document.getElementById(id);
+import { $ } from "./dom.js";
 
 function showTabs() {
   const tabs = [...document.querySelectorAll('[role="tab"]')];

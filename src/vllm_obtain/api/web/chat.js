@@ -9,8 +9,7 @@ import {
   titleOf,
 } from "./conversations.js";
 import { renderMarkdown } from "./markdown.js";
-
-const $ = (id) => document.getElementById(id);
+import { $, fillPicker } from "./dom.js";
 
 /** The settings box's problems, shown beside it rather than sent to the server. */
 class SettingsError extends Error {}
@@ -177,14 +176,7 @@ export function setUpChat({ chatModels }) {
   let current = conversations[0] ?? newConversation();
   let controller = null;
 
-  const modelPicker = $("model");
-  modelPicker.replaceChildren(
-    ...chatModels.map((id) => {
-      const option = document.createElement("option");
-      option.value = option.textContent = id;
-      return option;
-    }),
-  );
+  fillPicker($("model"), chatModels);
 
   function keep() {
     conversations = [current, ...conversations.filter((c) => c.id !== current.id)].filter(

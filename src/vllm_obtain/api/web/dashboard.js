@@ -2,8 +2,8 @@
 // from /metrics' counter, sampled from the moment the page opens, and what `doctor` reports.
 
 import { getJson, call } from "./api.js";
+import { $ } from "./dom.js";
 
-const $ = (id) => document.getElementById(id);
 const POLL_MS = 2000;
 const WINDOW_MS = 5 * 60 * 1000; // the chart's span
 const GENERATED = "vllm_obtain_generation_tokens_total";

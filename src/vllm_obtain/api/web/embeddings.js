@@ -1,8 +1,7 @@
 // Embeddings: two texts through /v1/embeddings, and how alike their vectors are.
 
 import { call } from "./api.js";
-
-const $ = (id) => document.getElementById(id);
+import { $, fillPicker } from "./dom.js";
 
 export function cosineSimilarity(a, b) {
   let dot = 0;
@@ -18,13 +17,7 @@ export function cosineSimilarity(a, b) {
 
 export function setUpEmbeddings({ embeddingModels }) {
   const picker = $("embedding-model");
-  picker.replaceChildren(
-    ...embeddingModels.map((id) => {
-      const option = document.createElement("option");
-      option.value = option.textContent = id;
-      return option;
-    }),
-  );
+  fillPicker(picker, embeddingModels);
   const output = $("similarity");
   if (embeddingModels.length === 0) output.textContent = "This server serves no embedding model.";
 
