@@ -216,7 +216,10 @@ def _amd_gpus() -> tuple[GPU, ...]:
 def ray_serve_version() -> str | None:
     """The installed Ray's version when Ray Serve is there (`serve --ray`), without importing
     it."""
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+    # find_spec("ray.serve") would import ray itself (seconds, and Ray's loggers) to find it.
+    ray = importlib.util.find_spec("ray")
+    folders = ray.submodule_search_locations if ray is not None else None
+    if not folders or not any((Path(folder) / "serve").is_dir() for folder in folders):
         return None
     try:
         return importlib.metadata.version("ray")

@@ -440,13 +440,13 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m vllm_obtain.settings: README's table, to paste in
-    print(settings_table())
-
-
 def split_engine(spec: str, default: str) -> tuple[str, str]:
     """`NAME@ENGINE` -> (NAME, ENGINE); a plain NAME keeps the default engine choice."""
     name, at, engine = spec.rpartition("@")
     if at and engine in ENGINE_NAMES:
         return name, engine
     return spec, default
+
+
+if __name__ == "__main__":  # python -m vllm_obtain.settings: README's table, to paste in
+    print(settings_table())
