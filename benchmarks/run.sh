@@ -7,6 +7,11 @@
 #        benchmarks/run.sh --vs-llama-server  ours against llama.cpp's own C++ server (built once
 #                                           by build_llama_server.sh, 10-25 min, cached outside
 #                                           the repo), and against raw lockstep decoding
+#        benchmarks/run.sh --long-context  issue 21: ours at its defaults (one KV pool, a request
+#                                           may use the whole context) against today's split
+#                                           layout and llama-server at its defaults and at
+#                                           -np 16 -c 16384: chats with distinct prompts, and 16
+#                                           streams of which 2 carry 6,000-token prompts
 #        benchmarks/run.sh --vs-own-servers ours on vLLM against vLLM's OpenAI server, ours on MLX
 #                                           against mlx_lm.server (needs --engines all)
 #        benchmarks/run.sh --model-cycles   many models: time to first token of a model that
@@ -191,6 +196,46 @@ if [ "${1:-}" = --vs-llama-server ]; then
   $PY benchmarks/raw_llama_cpp.py --tokens 256 | tee "$OUT/raw_llama_cpp.json"
   bench --base-url http://127.0.0.1:8101 --model "$MODEL" --concurrency 1 \
     --requests-per-client 8 --max-tokens 256 --json "$OUT/one_stream_ours.json" | sed -n 1,2p
+  exit 0
+fi
+
+if [ "${1:-}" = --long-context ]; then
+  LLAMA_SERVER=$(benchmarks/build_llama_server.sh)
+  # Each server alone on the machine, in the order below and then backwards (A B C D D C B A),
+  # so drift over the run falls on every side alike.
+  serve_one() {  # NAME: start it on :8110, wait until it answers
+    case $1 in
+      ours) $OBTAIN serve --port 8110 --engine llama.cpp --threads "$THREADS" \
+              --embedding-model none --logs-dir "$OUT/logs" > "$OUT/lc_$1.log" 2>&1 & ;;
+      ours-split) $OBTAIN serve --port 8110 --engine llama.cpp --threads "$THREADS" \
+              --no-kv-unified --kv-cache-tokens 32768 --embedding-model none \
+              --logs-dir "$OUT/logs" > "$OUT/lc_$1.log" 2>&1 & ;;
+      llama-server) "$LLAMA_SERVER" -m "$GGUF" --port 8110 -t "$THREADS" --jinja \
+              --alias "$MODEL" > "$OUT/lc_$1.log" 2>&1 & ;;
+      llama-server-np16) "$LLAMA_SERVER" -m "$GGUF" --port 8110 -np 16 -c 16384 \
+              -t "$THREADS" --jinja --alias "$MODEL" > "$OUT/lc_$1.log" 2>&1 & ;;
+    esac
+    server_pid=$!
+    wait_healthy http://127.0.0.1:8110 /v1/models
+    sleep 2
+  }
+  rm -f "$OUT"/long_context.json
+  round=0
+  for name in ours ours-split llama-server llama-server-np16 llama-server-np16 llama-server \
+      ours-split ours; do
+    round=$((round + 1))
+    echo "== $name (run $round of 8)"
+    serve_one "$name"
+    for workload in chat mixed; do
+      $PY benchmarks/long_context.py --base-url http://127.0.0.1:8110 --name "$name" \
+        --workload "$workload" --seed "$round" --json "$OUT/long_context.json"
+    done
+    kill "$server_pid"; wait "$server_pid" 2>/dev/null || true
+  done
+  $PY benchmarks/long_context.py --summarize "$OUT/long_context.json" \
+    --plot "$OUT/long_context.png" \
+    --title "SmolLM2-135M Q4_1, $THREADS threads: chats with distinct prompts" \
+    | tee "$OUT/long_context.md"
   exit 0
 fi
 

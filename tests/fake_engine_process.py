@@ -9,6 +9,8 @@ engine that misbehaves on purpose. Start.engine names the behaviour:
                 so no heartbeat leaves the process (silent)
   stalls        on the prompt (HANG_TOKEN,): one token, then awaits forever while heartbeats
                 keep coming (busy, no progress)
+  prefills      every request: no token for LONG_PREFILL_SECONDS while its PROGRESS_STAT
+                counter grows (a long prompt read in chunks), then the reply
   crashes       every request ends the process (os._exit(CRASH_EXIT_CODE)) before a token
   fails-to-load load() raises RuntimeError(LOAD_ERROR)
   (role embed)  an embedder: tokenize("stuck") never returns (a native call stuck on a
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.scripted_engine import ScriptedEngine
 from vllm_obtain.contract import (
+    PROGRESS_STAT,
     EmbeddingModelInfo,
     EngineRequestError,
     EngineState,
@@ -52,6 +55,7 @@ REFUSAL = EngineRequestError(
 # real timeout minutes), so a healthy child is never taken for a silent one.
 HEARTBEAT_SECONDS = 0.1
 PREFILL_SECONDS = 0.5
+LONG_PREFILL_SECONDS = 3.5
 EMBED_SECONDS = 2.5
 
 
@@ -61,6 +65,22 @@ class Slow(ScriptedEngine):
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
         await asyncio.sleep(PREFILL_SECONDS)
+        async for chunk in super().generate(request):
+            yield chunk
+
+
+class Prefills(ScriptedEngine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluated = 0
+
+    def stats(self) -> dict[str, float]:
+        return {**super().stats(), PROGRESS_STAT: self.evaluated}
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
+        for _ in range(int(LONG_PREFILL_SECONDS / 0.1)):
+            await asyncio.sleep(0.1)
+            self.evaluated += 512
         async for chunk in super().generate(request):
             yield chunk
 
@@ -138,6 +158,7 @@ def build(start: Start) -> ScriptedEngine | SlowEmbedder:
     engines: dict[str, type[ScriptedEngine]] = {
         "scripted": ScriptedEngine,
         "slow": Slow,
+        "prefills": Prefills,
         "refuses": Refuses,
         "blocks-loop": BlocksLoop,
         "stalls": Stalls,

@@ -161,7 +161,8 @@ class Settings(BaseSettings):
     ctx_size: int = Field(
         0,
         ge=0,
-        description="context length in tokens; 0: the model's own (llama.cpp: at most 8192)",
+        description="tokens one request may hold (prompt and answer); 0: the model's own, as "
+        "far as the memory budget allows its KV cache",
     )
     threads: int | None = Field(
         None, ge=1, description="CPU threads", json_schema_extra=shown("all cores")
@@ -171,12 +172,14 @@ class Settings(BaseSettings):
     kv_cache_tokens: int = Field(
         0,
         ge=0,
-        description="llama.cpp: KV cache cells, split evenly among the slots; 0: automatic",
+        description="llama.cpp: KV cache cells, shared by all requests; 0: 2048 per parallel "
+        "sequence up to 32768, never less than the context, within the memory budget",
     )
     kv_unified: bool = Field(
-        False,
-        description="llama.cpp: one KV pool for all slots, so one request may use the whole "
-        "context (every token then also attends over the other slots' cells: slower)",
+        True,
+        description="llama.cpp: one KV pool for all sequences, so one request may use the whole "
+        "context; off: an equal share per sequence (each then holds at most kv-cache-tokens / "
+        "parallel, but attends over its own cells only)",
     )
     gpu_layers: int = Field(
         -1, description="layers offloaded when llama.cpp has a GPU backend; -1: all"

@@ -48,7 +48,12 @@ from vllm_obtain.weights.catalog import (
     resolve_embedding_model,
     resolve_model,
 )
-from vllm_obtain.weights.footprint import GIB, estimate_footprint
+from vllm_obtain.weights.footprint import (
+    GIB,
+    estimate_footprint,
+    fit_kv_cache,
+    planned_context,
+)
 from vllm_obtain.weights.gguf_to_hf import gguf_to_hf
 from vllm_obtain.weights.inventory import (
     InstalledModel,
@@ -275,22 +280,37 @@ def model_source(
         return model.path
 
     config = config or model_engine_config(settings, info, engine)
+    budget = budget_bytes(settings.memory_budget, capacity=memory_capacity(info))
 
     def build() -> ServedModel:
+        path = weights()  # an alias is only fetched now: fitted to the budget once it is here
+        fitted = fit_kv_cache(path, engine=engine, config=config, budget=budget)
+        if fitted != config:
+            logger.warning(
+                "{}: the memory budget ({:.1f} GiB) holds a KV cache of {} tokens beside the "
+                "weights, so a request may hold {} tokens; --memory-budget or --ctx-size "
+                "change it",
+                model.id,
+                budget / GIB,
+                fitted.kv_cache_tokens,
+                planned_context(path, engine=engine, config=fitted),
+            )
         return ServedModel(
             id=model.id,
-            engine=isolated_engine(engine, weights(), settings, config),
+            engine=isolated_engine(engine, path, settings, fitted),
             # --chat-template is for the models named at start, not whatever else loads.
             chat_template=read_template(settings.chat_template) if pinned else None,
             limits=limits_from(settings),
         )
 
-    estimate = 0
+    estimate = context = 0
     if model.path.exists():
+        planned = fit_kv_cache(model.path, engine=engine, config=config, budget=budget)
         gpu = memory_capacity(info) if info.has_cuda_or_rocm else None
         estimate = estimate_footprint(
-            model.path, engine=engine, config=config, gpu_memory=gpu
+            model.path, engine=engine, config=planned, gpu_memory=gpu
         ).total
+        context = planned_context(model.path, engine=engine, config=planned)
     return ModelSource(
         id=model.id,
         engine=engine,
@@ -298,6 +318,7 @@ def model_source(
         format=weights_format(model),
         size_bytes=model.size_bytes,
         estimated_bytes=estimate,
+        context_length=context,
         pinned=pinned,
     )
 

@@ -1,6 +1,7 @@
 """llama.cpp's scheduler on deliberately small servers: 4 slots, 64-token steps, and either one
-2048-cell KV pool (--kv-unified, where waiting for KV room happens with short prompts) or
-1024 cells per slot (the default layout), so prefix reuse happens with short prompts."""
+2048-cell KV pool (the default layout, where waiting for KV room and preemption happen with
+short prompts) or 1024 cells per slot (--no-kv-unified), so prefix reuse happens with short
+prompts."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from tests.integration.conftest import MODEL, free_port, start_server
 
 SMALL = ["--parallel", "4", "--ctx-size", "1024", "--batch-size", "64"]
 LAYOUTS = {
-    "unified": [*SMALL, "--kv-cache-tokens", "2048", "--kv-unified"],
-    "split": [*SMALL, "--kv-cache-tokens", "4096"],
+    "unified": [*SMALL, "--kv-cache-tokens", "2048"],
+    "split": [*SMALL, "--kv-cache-tokens", "4096", "--no-kv-unified"],
 }
 SYSTEM = "You are a careful assistant. " + " ".join(
     f"Rule {i}: be brief and kind." for i in range(40)

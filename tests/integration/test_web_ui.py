@@ -271,6 +271,23 @@ def test_a_bad_schema_is_shown_beside_the_settings_and_nothing_is_sent(page: Web
     assert page.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]') == []
 
 
+def test_the_usable_context_is_shown_and_a_max_tokens_past_it_shows_the_servers_message(
+    page: WebDriver, server: str
+):
+    cards = httpx.get(f"{server}/v1/models", timeout=10).json()["data"]
+    context = next(card["max_model_len"] for card in cards if card["id"] == MODEL)
+    assert context == 8192  # SmolLM2's whole context, not a slot's share
+    shown = page.find_element(By.ID, "model-context")
+    assert shown.text == "Context: 8,192 tokens (prompt and answer)"
+
+    ask(page, "Hello", max_tokens=context + 1000)
+    until(page, lambda: answer_state(page) == "error", "the refusal")
+    refusal = last_answer(page).find_element(By.CSS_SELECTOR, '[role="alert"]')
+    assert refusal.is_displayed()
+    assert "This model's maximum context length is 8192 tokens" in refusal.text
+    assert "9192 in the completion" in refusal.text
+
+
 def test_conversations_are_kept_in_the_browser_until_cleared(page: WebDriver, server: str):
     ask(page, "Say hello.", max_tokens=8)
     finished(page)

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from vllm_obtain.contract import EngineConfig
+from vllm_obtain.contract.kv_layout import auto_kv_tokens
 from vllm_obtain.weights.catalog import packaged_file
 from vllm_obtain.weights.footprint import (
     GIB,
     MIB,
     RUNTIME_BYTES,
     estimate_footprint,
+    fit_kv_cache,
     gguf_shape,
     hf_shape,
     read_gguf_header,
@@ -46,7 +48,7 @@ def test_llama_cpp_counts_its_kv_cache_as_the_engine_sizes_it(embedded_gguf):
     default = estimate_footprint(embedded_gguf, engine="llama.cpp", config=EngineConfig())
     per_token = 2 * 30 * 3 * 64 * 2
     assert default.weights == embedded_gguf.stat().st_size
-    assert default.kv_cache == 32768 * per_token  # 16 slots x a quarter of 8192, capped
+    assert default.kv_cache == 32768 * per_token  # 16 slots x 2048, at least one context
     assert default.runtime == RUNTIME_BYTES["llama.cpp"]
     small = estimate_footprint(
         embedded_gguf, engine="llama.cpp", config=EngineConfig(kv_cache_tokens=4096)
@@ -86,10 +88,34 @@ def test_weights_without_metadata_still_count_their_size(tmp_path):
     assert footprint.weights == blob.stat().st_size and footprint.kv_cache == 0
 
 
-def test_the_llama_cpp_defaults_counted_are_the_engines_own():
-    pytest.importorskip("llama_cpp", reason="llama.cpp engine not installed")
-    from vllm_obtain.engines.llama_cpp import engine
-    from vllm_obtain.weights import footprint
+def test_the_automatic_pool_holds_one_whole_context_and_room_for_the_slots():
+    assert auto_kv_tokens(8192, 16) == 32768  # SmolLM2: 16 x 2048
+    assert auto_kv_tokens(8192, 1) == 8192  # never less than one context
+    assert auto_kv_tokens(131072, 16) == 131072  # gpt-oss: its whole context
+    assert auto_kv_tokens(4096, 64) == 32768  # capped
 
-    assert footprint.LLAMA_CPP_MAX_CONTEXT == engine.DEFAULT_MAX_CONTEXT
-    assert footprint.LLAMA_CPP_MAX_KV_TOKENS == engine.DEFAULT_MAX_KV_TOKENS
+
+def test_a_pool_the_budget_cannot_hold_is_shrunk_and_the_context_with_it(embedded_gguf):
+    per_token = 2 * 30 * 3 * 64 * 2
+    config = EngineConfig()
+    full = estimate_footprint(embedded_gguf, engine="llama.cpp", config=config)
+    assert fit_kv_cache(embedded_gguf, engine="llama.cpp", config=config, budget=full.total) == (
+        config
+    )
+    budget = full.weights + full.runtime + 5000 * per_token
+    fitted = fit_kv_cache(embedded_gguf, engine="llama.cpp", config=config, budget=budget)
+    assert (fitted.kv_cache_tokens, fitted.context_length) == (4864, 4864)  # 256-cell steps
+    assert estimate_footprint(embedded_gguf, engine="llama.cpp", config=fitted).total <= budget
+    roomy = fit_kv_cache(
+        embedded_gguf, engine="llama.cpp", config=config, budget=budget + 4000 * per_token
+    )
+    assert (roomy.kv_cache_tokens, roomy.context_length) == (8960, 8192)  # the model's own
+
+
+def test_an_operators_pool_or_a_hopeless_budget_is_left_as_it_is(embedded_gguf):
+    sized = EngineConfig(kv_cache_tokens=65536)
+    assert fit_kv_cache(embedded_gguf, engine="llama.cpp", config=sized, budget=GIB) == sized
+    tiny = fit_kv_cache(embedded_gguf, engine="llama.cpp", config=EngineConfig(), budget=MIB)
+    assert tiny == EngineConfig()  # refused as too large when loaded, with the figures
+    auto = EngineConfig()
+    assert fit_kv_cache(embedded_gguf, engine="vllm", config=auto, budget=MIB) == auto

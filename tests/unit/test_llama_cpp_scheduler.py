@@ -117,7 +117,13 @@ class Rig:
     """A scheduler on the fakes, with one scripted sampler and one output list per request."""
 
     def __init__(
-        self, *, n_slots: int, kv_tokens: int, batch_size: int, unified: bool = True
+        self,
+        *,
+        n_slots: int,
+        kv_tokens: int,
+        batch_size: int,
+        unified: bool = True,
+        **options: Any,
     ) -> None:
         self.ctx = FakeCtx()
         self.lib = FakeLib(self.ctx)
@@ -136,7 +142,10 @@ class Rig:
             kv_tokens=kv_tokens,
             batch_size=batch_size,
             unified=unified,
+            clock=lambda: self.now,
+            **options,
         )
+        self.now = 0.0
 
     def _make_sampler(self, request: GenerationRequest) -> ScriptedSampler:
         rid = request.request_id
@@ -172,7 +181,8 @@ class Rig:
 
     def run_until_idle(self, max_steps: int = 100) -> None:
         for _ in range(max_steps):
-            if not self.scheduler.running and not self.scheduler.waiting:
+            scheduler = self.scheduler
+            if not scheduler.running and not scheduler.waiting and not scheduler.preempted:
                 return
             self.scheduler.step()
         raise AssertionError("the scheduler never went idle")
@@ -315,6 +325,140 @@ def test_running_sequences_are_never_evicted_to_make_room() -> None:
     assert [len(rows) for rows in rig.lib.decodes] == [4, 1, 1, 1]  # a alone
 
 
+def test_a_long_max_tokens_promises_only_room_to_grow_so_others_run_beside_it() -> None:
+    # An unset max_tokens is all the context: promised whole, it would keep everyone waiting.
+    rig = Rig(n_slots=2, kv_tokens=30, batch_size=8, growth_reserve=4)
+    rig.submit("long", span(10, 4), 24)  # promised 4 + 4, not 4 + 24
+    rig.submit("short", span(40, 4), 4)  # 8 more: fits beside it
+    rig.step()
+    assert rig.counts() == (2, 0)
+    assert rig.scheduler.kv_reserved == 16
+
+
+def test_when_the_pool_runs_out_the_newest_sequence_is_preempted_then_resumed_whole() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=8, growth_reserve=2)
+    rig.submit("old", span(10, 3), 4, script=[21, 22, 23, 24])
+    rig.step()  # old: prefilled, samples 21
+    rig.submit("new", span(40, 3), 3, script=[31, 32, 33])
+    rig.step()  # old decodes 21 -> 22; new prefilled -> 31
+    assert rig.counts() == (2, 0)
+    del rig.lib.seq_rm[:]
+
+    rig.lib.fail_next_decode = 1  # llama.cpp: no room for this batch
+    rig.step()
+    assert rig.lib.seq_rm == [(1, -1, -1)]  # new, the most recently started, gives way
+    assert rig.scheduler.slots[1].pending == [40, 41, 42, 31]  # its prompt and its token
+    assert (rig.scheduler.running, rig.scheduler.preempted, rig.scheduler.preemptions) == (
+        1, 1, 1,
+    )  # fmt: skip
+    decodes_before = len(rig.lib.decodes)
+
+    rig.run_until_idle()
+    # old ran on alone; once it ended, new read its tokens again and went on where it was.
+    assert rig.lib.decodes[decodes_before] == [(0, 4, 22)]
+    resumed = next(d for d in rig.lib.decodes[decodes_before:] if d[0][0] == 1)
+    assert resumed == [(1, pos, tok) for pos, tok in enumerate([40, 41, 42, 31])]
+    assert [c.token_ids for c in rig.chunks("new")] == [(31,), (32,), (33,)]
+    assert rig.finish_reasons("new") == [None, None, "length"]
+    assert rig.finish_reasons("old") == [None, None, None, "length"]
+
+
+def test_a_preempted_request_that_is_cancelled_leaves_nothing_behind() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=8)
+    rig.submit("old", span(10, 3), 6)
+    rig.step()
+    new = rig.submit("new", span(40, 3), 6)
+    rig.step()
+    rig.lib.fail_next_decode = 1
+    rig.step()
+    assert rig.scheduler.preempted == 1
+
+    new.cancelled.set()
+    rig.step()
+    slot = rig.scheduler.slots[1]
+    assert (slot.busy, slot.preempted, slot.cached, slot.pending) == (False, False, [], [])
+    assert rig.scheduler.preempted == 0
+    rig.submit("next", span(60, 2), 1)
+    rig.run_until_idle()  # nothing waits on the cancelled one
+    assert rig.finish_reasons("next") == ["length"]
+
+
+def test_idle_caches_are_dropped_before_anyone_is_preempted() -> None:
+    rig = Rig(n_slots=3, kv_tokens=100, batch_size=8)
+    rig.submit("done", span(60, 5), 1)
+    rig.run_until_idle()  # slot 0 keeps 5 cells
+    rig.submit("a", span(10, 3), 5)
+    rig.submit("b", span(20, 3), 5)
+    rig.step()
+    del rig.lib.seq_rm[:]
+
+    rig.lib.fail_next_decode = 1
+    rig.step()
+    assert rig.lib.seq_rm == [(0, -1, -1)]
+    assert (rig.scheduler.running, rig.scheduler.preempted) == (2, 0)
+
+
+def test_the_only_running_sequence_is_never_preempted_it_fails() -> None:
+    rig = Rig(n_slots=2, kv_tokens=100, batch_size=8)
+    rig.submit("a", span(10, 3), 5)
+    rig.step()
+    rig.lib.fail_next_decode = 1
+    rig.step()
+    assert isinstance(rig.outputs["a"][-1], RuntimeError)
+    assert rig.counts() == (0, 0)
+
+
+def test_idle_caches_stay_while_nothing_runs_and_go_once_stale_or_too_many() -> None:
+    rig = Rig(n_slots=4, kv_tokens=100, batch_size=8, idle_cache_tokens=8, idle_cache_seconds=30)
+    for rid, start in [("x", 10), ("y", 20), ("z", 30)]:
+        rig.submit(rid, span(start, 4), 1)
+        rig.run_until_idle()
+        rig.now += 10
+    assert [len(rig.cached(i)) for i in range(3)] == [4, 4, 4]  # 12 > 8, but nothing runs
+
+    rig.submit("run", span(50, 2), 5)
+    rig.step()
+    # Over 8 idle cells: the least recently used (x) goes; y and z are younger than 30 s.
+    assert [len(rig.cached(i)) for i in range(3)] == [0, 4, 4]
+    rig.now += 15  # y ended 35 s ago, z 25 s ago
+    rig.step()
+    assert [len(rig.cached(i)) for i in range(3)] == [0, 0, 4]
+
+
+def test_while_requests_run_only_the_four_most_recent_idle_caches_stay() -> None:
+    rig = Rig(n_slots=8, kv_tokens=200, batch_size=8)
+    for i in range(5):
+        rig.submit(f"done{i}", span(10 * (i + 1), 3), 1)
+        rig.run_until_idle()
+    assert [bool(rig.cached(i)) for i in range(6)] == [True] * 5 + [False]
+
+    rig.submit("run", span(100, 2), 5)  # in slot 5; five idle caches beside it
+    rig.step()
+    assert [bool(rig.cached(i)) for i in range(5)] == [False, True, True, True, True]
+
+
+def test_prefill_counts_as_progress_before_any_token_comes_out() -> None:
+    rig = Rig(n_slots=1, kv_tokens=100, batch_size=4)
+    rig.submit("long", span(10, 10), 1)
+    rig.step()
+    assert (rig.scheduler.evaluated_tokens, rig.outputs["long"]) == (4, [])
+    rig.step()
+    assert rig.scheduler.evaluated_tokens == 8
+
+
+def test_a_long_prompt_left_out_by_shorter_ones_goes_first_after_a_few_steps() -> None:
+    rig = Rig(n_slots=4, kv_tokens=400, batch_size=4)
+    rig.submit("long", span(100, 40), 1)
+    rig.step()  # alone: it takes the first 4 tokens
+    for i in range(6):  # then a 4-token question every step, each filling a step alone
+        rig.submit(f"q{i}", span(10 + 5 * i, 4), 1)
+        rig.step()
+    long_rows = [len([row for row in rows if row[0] == 0]) for rows in rig.lib.decodes]
+    # Left out STARVED_STEPS (4) steps running, it goes first on the next one.
+    assert long_rows == [4, 0, 0, 0, 0, 4, 0]
+    assert [len(rig.outputs[f"q{i}"]) for i in range(6)] == [1, 1, 1, 1, 1, 0]  # q4 waited once
+
+
 # --- prefix reuse ------------------------------------------------------------------------------
 
 
@@ -371,8 +515,9 @@ def test_reuse_covers_every_shared_token_but_whole_chunks_for_a_seeded_request(
 
     assert rig.lib.seq_rm[-1] == (0, reuse, -1)
     assert rig.scheduler.prefix_tokens_reused == reuse
-    # The first chunk runs to the next multiple of the batch size: the same cut either way.
-    stop = min(len(prompt), reuse + 4 - reuse % 4)
+    # A seeded prompt's first chunk runs to the next multiple of the batch size: the same cut
+    # either way. An unseeded one fills the batch.
+    stop = min(len(prompt), reuse + 4 - (reuse % 4 if seed is not None else 0))
     assert rig.lib.decodes[first_new_decode] == prefill_rows(0, prompt, reuse, stop)
 
 
@@ -445,31 +590,52 @@ def test_what_a_step_emits_is_flushed_once_at_its_end() -> None:
 # --- one decode call: decoding tokens first, then prompt chunks ---------------------------------
 
 
-def test_prompt_chunks_fill_the_batch_beside_decoding_tokens_and_never_cross_a_chunk_edge() -> None:
+@pytest.mark.parametrize(
+    ("seed", "chunks"),
+    [
+        # Unseeded: b's prompt takes all 3 rows a's token leaves, every step.
+        (None, [(0, 3), (3, 6), (6, 9), (9, 10)]),
+        # Seeded: a chunk also stops at each multiple of 4 (after pos 3 and pos 7), so the
+        # prompt is cut as it would be with nothing cached.
+        (7, [(0, 3), (3, 4), (4, 7), (7, 8), (8, 10)]),
+    ],
+)
+def test_prompt_chunks_fill_the_batch_beside_decoding_tokens(
+    seed: int | None, chunks: list[tuple[int, int]]
+) -> None:
     rig = Rig(n_slots=2, kv_tokens=100, batch_size=4)
     rig.submit("a", (10, 11), 20, script=list(range(21, 41)))
     rig.step()
     assert rig.lib.decodes == [[(0, 0, 10), (0, 1, 11)]]
 
     b_prompt = span(40, 10)
-    rig.submit("b", b_prompt, 1, script=[60])
-    rig.step(6)
+    rig.submit("b", b_prompt, 1, script=[60], seed=seed)
+    rig.step(len(chunks) + 1)
 
-    # a's next token always comes first; b's prompt takes the 3 rows left, but a chunk stops at
-    # each multiple of 4 (after pos 3 and pos 7), so b's chunks are 0-2, 3, 4-6, 7, 8-9.
+    # a's next token always comes first; b's prompt takes the rows left.
     assert rig.lib.decodes[1:] == [
-        [(0, 2, 21), *prefill_rows(1, b_prompt, 0, 3)],
-        [(0, 3, 22), *prefill_rows(1, b_prompt, 3, 4)],
-        [(0, 4, 23), *prefill_rows(1, b_prompt, 4, 7)],
-        [(0, 5, 24), *prefill_rows(1, b_prompt, 7, 8)],
-        [(0, 6, 25), *prefill_rows(1, b_prompt, 8, 10)],
-        [(0, 7, 26)],  # b finished at its first token
+        *(
+            [(0, 2 + i, 21 + i), *prefill_rows(1, b_prompt, *chunk)]
+            for i, chunk in enumerate(chunks)
+        ),
+        [(0, 2 + len(chunks), 21 + len(chunks))],  # b finished at its first token
     ]
     # Logits only for a's token each step, and for the last prompt token of b.
-    assert rig.lib.logits_rows[1:] == [[0], [0], [0], [0], [0, 2], [0]]
-    assert rig.samplers["b"].indices == [2]
-    assert rig.samplers["a"].indices == [1] + [0] * 6
+    last = chunks[-1][1] - chunks[-1][0]  # after a's row
+    assert rig.lib.logits_rows[1:] == [[0]] * (len(chunks) - 1) + [[0, last], [0]]
+    assert rig.samplers["b"].indices == [last]
     assert rig.chunks("b") == [TokenChunk((60,), b"<60>", "length")]
+
+
+def test_the_shortest_prompt_is_read_first_so_a_long_one_never_holds_up_a_question() -> None:
+    rig = Rig(n_slots=3, kv_tokens=100, batch_size=4)
+    rig.submit("long", span(10, 12), 1)
+    rig.step()  # long's first 4 tokens
+    rig.submit("question", span(40, 2), 1, script=[60])
+    rig.step()
+    # The question's 2 tokens go first (and it is answered now); long takes the rest.
+    assert rig.lib.decodes[-1] == [*prefill_rows(1, span(40, 2), 0, 2), (0, 4, 14), (0, 5, 15)]
+    assert rig.chunks("question") == [TokenChunk((60,), b"<60>", "length")]
 
 
 def test_a_prompt_longer_than_the_batch_is_prefilled_over_several_steps_before_sampling() -> None:

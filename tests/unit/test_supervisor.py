@@ -249,6 +249,23 @@ def test_an_idle_child_and_a_slow_steady_request_are_left_alone() -> None:
     run(scenario, engine)
 
 
+def test_a_long_prefill_that_reports_progress_is_left_alone() -> None:
+    engine = supervised("prefills")
+
+    async def scenario(engine: SupervisedEngine) -> None:
+        await engine.load()
+        first = pid(engine)
+        began = time.monotonic()
+        with error_logs() as errors:
+            await serves_the_reply(engine)
+        # No token for 3.5 timeouts, but the engine's counter kept moving.
+        assert time.monotonic() - began > 3 * HANG_TIMEOUT
+        assert errors == []
+        assert (engine.restarts, pid(engine)) == (0, first)
+
+    run(scenario, engine)
+
+
 def test_a_child_crashing_on_every_request_is_given_up_after_its_restarts() -> None:
     engine = supervised("crashes", max_restarts=2)
 

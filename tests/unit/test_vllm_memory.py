@@ -85,3 +85,12 @@ def test_a_node_too_full_for_any_kv_cache_is_refused() -> None:
     message = str(refused.value)
     assert "needs about 3.2 GiB" in message and "only 3.0 of 9.3 GiB is free" in message
     assert "free memory on this machine" in message
+
+
+def test_vllm_fits_its_context_to_the_kv_cache_unless_one_is_asked_for(tmp_path) -> None:
+    from vllm_obtain.engines.vllm.engine import engine_arguments
+
+    # -1 is vLLM's auto-fit: the model's own context, or the longest its KV cache holds.
+    assert engine_arguments(tmp_path, {}, 0)["max_model_len"] == -1
+    assert engine_arguments(tmp_path, {}, 4096)["max_model_len"] == 4096
+    assert engine_arguments(tmp_path, {"max_model_len": 2048}, 4096)["max_model_len"] == 2048

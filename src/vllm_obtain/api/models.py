@@ -13,7 +13,13 @@ router = APIRouter(tags=["models"])
 
 
 def _card(model: ModelEntry | ServedEmbedder) -> ModelCard:
-    return ModelCard(id=model.id, created=model.created, owned_by=model.owned_by)
+    if isinstance(model, ModelEntry):
+        context = model.context_length
+    else:
+        context = model.info.context_length if model.info is not None else None
+    return ModelCard(
+        id=model.id, created=model.created, owned_by=model.owned_by, max_model_len=context
+    )
 
 
 @router.get("/v1/models", response_model=ModelList)

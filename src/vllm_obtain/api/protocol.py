@@ -552,6 +552,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    # vLLM's field: the tokens one request may hold here (prompt and answer), which the KV
+    # cache and the memory budget may make less than the model's own context; null: unknown.
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

@@ -21,6 +21,7 @@ from vllm_obtain.contract.data import (
 )
 from vllm_obtain.contract.engine import (
     CONSTRAINED_OUTPUT,
+    PROGRESS_STAT,
     STANDARD_SAMPLING,
     Embedder,
     Engine,
@@ -36,6 +37,7 @@ from vllm_obtain.contract.errors import (
 
 __all__ = [
     "CONSTRAINED_OUTPUT",
+    "PROGRESS_STAT",
     "STANDARD_SAMPLING",
     "ChunkQueue",
     "Embedder",

@@ -99,12 +99,12 @@ class EngineConfig:
     """How to build an engine: the tunables the operator set, for whichever engine reads them
     (the rest are ignored). Sent to the engine's process with the model path."""
 
-    context_length: int = 0  # tokens; 0: the model's own (llama.cpp: bounded, see its engine)
+    context_length: int = 0  # tokens one request may hold; 0: the model's own
     threads: int | None = None  # CPU threads; None: all cores
     batch_size: int = 512  # llama.cpp: tokens per decoding step
     parallel: int = 16  # llama.cpp: sequences decoded together
-    kv_cache_tokens: int = 0  # llama.cpp: KV cells, split among the slots; 0: automatic
-    kv_unified: bool = False  # llama.cpp: one pool for all slots instead of one per slot
+    kv_cache_tokens: int = 0  # llama.cpp: KV cells in all; 0: automatic (contract.kv_layout)
+    kv_unified: bool = True  # llama.cpp: one pool for all slots; False: a share per slot
     gpu_layers: int = -1  # llama.cpp: layers offloaded to a GPU when there is one; -1: all
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments as given
     cpu_kv_cache_gib: int | None = None  # vLLM on CPU: KV cache size

@@ -26,6 +26,10 @@ STANDARD_SAMPLING = frozenset(
 # tool_choice "required" or naming a function (a call is JSON of a known shape).
 CONSTRAINED_OUTPUT = frozenset({"response_format", "tool_choice"})
 
+# A stats() counter that grows while the engine works, a long prompt's prefill included (no
+# token comes out then): a supervisor counts its growth as progress, not only emitted tokens.
+PROGRESS_STAT = "evaluated_tokens"
+
 # loading: not yet served; ready: serving; restarting: recovering from a crash or a hang;
 # failed: gave up after too many restarts (liveness fails, so an orchestrator replaces us).
 EngineState = Literal["loading", "ready", "restarting", "failed"]
@@ -66,7 +70,7 @@ class Engine(Protocol):
 
     def stats(self) -> dict[str, float]:
         """Gauges for health and metrics: at least `running` and `waiting`; where the engine
-        knows it, `kv_cache_usage` (0 to 1)."""
+        knows them, `kv_cache_usage` (0 to 1) and PROGRESS_STAT."""
         ...
 
 

@@ -60,6 +60,7 @@ class ModelSource:
     format: str = ""  # gguf, hf or alias
     size_bytes: int = 0  # on disk
     estimated_bytes: int = 0  # memory it will take once loaded (weights, KV cache, runtime)
+    context_length: int = 0  # tokens a request will be able to hold, as planned; 0: unknown
     pinned: bool = False  # named at start: loaded then, never unloaded for room or idleness
 
 
@@ -95,6 +96,14 @@ class ModelEntry:
     @property
     def busy(self) -> bool:
         return self.leases > 0 or (self.served is not None and self.served.in_flight > 0)
+
+    @property
+    def context_length(self) -> int | None:
+        """Tokens one request may hold (prompt and answer): the loaded engine's figure, else
+        the planned one; None when neither is known."""
+        if self.served is not None and self.served.info is not None:
+            return self.served.info.context_length
+        return self.source.context_length or None
 
     @property
     def memory_bytes(self) -> int | None:

@@ -6,8 +6,9 @@ requests in flight (each gets a clean 503-style error) and a few seconds of rest
 server. This module never imports a backend: the child learns it from the Start message.
 
 A hang is either silence (no heartbeat: the child's event loop is stuck, or the process is
-stopped) or no progress (no token, no answer) for `hang_timeout` seconds while requests are in
-flight (a native call that never returns). Either way the child is killed and the crash path
+stopped) or no progress (no token, no answer, and no growth of the engine's PROGRESS_STAT
+counter, which a long prefill moves) for `hang_timeout` seconds while requests are in flight
+(a native call that never returns). Either way the child is killed and the crash path
 takes over.
 """
 
@@ -28,6 +29,7 @@ import psutil
 from loguru import logger
 
 from vllm_obtain.contract import (
+    PROGRESS_STAT,
     STANDARD_SAMPLING,
     ChunkQueue,
     EmbeddingModelInfo,
@@ -312,6 +314,8 @@ class EngineProcess:
                 if (stream := self._streams.get(sid)) is not None:
                     stream.put(chunk)
         elif isinstance(message, Stats):
+            if message.values.get(PROGRESS_STAT) != self._stats.get(PROGRESS_STAT):
+                self._last_progress = self._last_heard  # working: a long prefill, say
             self._stats = message.values
         elif isinstance(message, Log):
             proc = self._proc

@@ -11,20 +11,20 @@ import functools
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from vllm_obtain.contract import EngineConfig
+from vllm_obtain.contract.kv_layout import MIN_KV_TOKENS, auto_kv_tokens
 
 MIB, GIB = 1 << 20, 1 << 30
 # What an engine's process holds besides weights and KV cache: the interpreter, the engine's
 # libraries, compute buffers (measured on CPU here: llama.cpp ~70 MiB with a 135M model,
 # vLLM's engine core and worker ~1.7 GiB, MLX ~0.5 GiB), rounded up.
 RUNTIME_BYTES = {"llama.cpp": 128 * MIB, "vllm": 2 * GIB, "mlx": 768 * MIB}
-# llama.cpp's and MLX's defaults where the settings leave them automatic (engines/*/engine.py).
-LLAMA_CPP_MAX_CONTEXT = 8192
-LLAMA_CPP_MAX_KV_TOKENS = 32768
+# The context counted for a GGUF whose header does not say (llama.cpp then reads its default).
+LLAMA_CPP_UNKNOWN_CONTEXT = 4096
 MLX_DEFAULT_CONTEXT = 4096  # engines/mlx/engine.py, for a config without max_position_embeddings
 # vLLM on CPU without --kv-cache-gib sizes its KV cache from what is free: counted as this.
 VLLM_CPU_AUTO_KV_BYTES = 4 * GIB
@@ -198,12 +198,47 @@ def estimate_footprint(
     if shape is None:
         return Footprint(weights, 0, runtime)
     if engine == "llama.cpp":
-        context = config.context_length or min(
-            shape.trained_context or LLAMA_CPP_MAX_CONTEXT, LLAMA_CPP_MAX_CONTEXT
-        )
-        tokens = config.kv_cache_tokens or max(
-            context, min(config.parallel * context // 4, LLAMA_CPP_MAX_KV_TOKENS)
-        )
+        tokens = llama_cpp_kv_tokens(shape, config)
     else:  # MLX allocates as sequences grow: counted as one sequence at its whole context
         tokens = config.context_length or shape.trained_context or MLX_DEFAULT_CONTEXT
     return Footprint(weights, tokens * shape.kv_bytes_per_token, runtime)
+
+
+def llama_cpp_kv_tokens(shape: ModelShape, config: EngineConfig) -> int:
+    """The KV cells llama.cpp will allocate for this model with `config`."""
+    context = config.context_length or shape.trained_context or LLAMA_CPP_UNKNOWN_CONTEXT
+    return config.kv_cache_tokens or auto_kv_tokens(context, config.parallel)
+
+
+def planned_context(path: Path, *, engine: str, config: EngineConfig) -> int:
+    """The tokens a request will be able to hold once the model is loaded with `config`, as far
+    as its metadata tells before loading (0: unknown; vLLM decides its own)."""
+    shape = gguf_shape(path) if path.is_file() else hf_shape(path)
+    if shape is None or engine == "vllm":
+        return config.context_length if engine != "vllm" else 0
+    if engine == "llama.cpp":
+        context = config.context_length or shape.trained_context or LLAMA_CPP_UNKNOWN_CONTEXT
+        pool = llama_cpp_kv_tokens(shape, config)
+        return min(context, pool if config.kv_unified else pool // config.parallel)
+    return config.context_length or shape.trained_context or MLX_DEFAULT_CONTEXT
+
+
+def fit_kv_cache(path: Path, *, engine: str, config: EngineConfig, budget: int) -> EngineConfig:
+    """`config` with llama.cpp's automatic KV pool shrunk so that the model fits `budget`
+    alone, and the context with it (a request may use at most the pool); as it is where it
+    fits, where the operator sized the pool, for other engines, and where nothing above
+    MIN_KV_TOKENS would fit (the load is then refused as too large, saying so)."""
+    if engine != "llama.cpp" or config.kv_cache_tokens or not path.is_file():
+        return config
+    shape = gguf_shape(path)
+    if shape is None:
+        return config
+    footprint = estimate_footprint(path, engine=engine, config=config)
+    if footprint.total <= budget:
+        return config
+    room = budget - footprint.weights - footprint.runtime
+    tokens = room // shape.kv_bytes_per_token // 256 * 256  # llama.cpp pads to 256 cells
+    if tokens < MIN_KV_TOKENS:
+        return config
+    context = config.context_length or shape.trained_context or LLAMA_CPP_UNKNOWN_CONTEXT
+    return replace(config, kv_cache_tokens=tokens, context_length=min(context, tokens))

@@ -30,6 +30,8 @@ async function servedModels() {
   return {
     chatModels: ids.filter((id) => !embedding.has(id)),
     embeddingModels: ids.filter((id) => embedding.has(id)),
+    // Tokens one request may hold here (prompt and answer), where the server knows it.
+    contexts: Object.fromEntries(data.map((m) => [m.id, m.max_model_len ?? null])),
   };
 }
 

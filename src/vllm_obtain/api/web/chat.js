@@ -92,6 +92,16 @@ function renderToolCalls(element, toolCalls) {
 }
 
 /** One message's element: the user's as text, the assistant's as Markdown. */
+/** A request the server refused or that failed: its message in place of the answer. */
+function showRefusal({ body, stats }, message) {
+  const shown = document.createElement("p");
+  shown.className = "error";
+  shown.setAttribute("role", "alert");
+  shown.textContent = message;
+  body.replaceChildren(shown);
+  stats.textContent = "";
+}
+
 function messageElement(message) {
   const item = document.createElement("li");
   item.className = `message ${message.role}`;
@@ -107,11 +117,8 @@ function messageElement(message) {
     const stats = document.createElement("p");
     stats.className = "stats";
     if (message.stats) stats.textContent = statsText(message.stats);
-    if (message.error) {
-      stats.textContent = message.error;
-      stats.classList.add("error");
-    }
     item.append(tools, stats);
+    if (message.error) showRefusal({ body, stats }, message.error);
   } else {
     body.textContent = message.content;
   }
@@ -171,12 +178,24 @@ function timings(started, firstAt, tokens, stopped) {
   };
 }
 
-export function setUpChat({ chatModels }) {
+export function setUpChat({ chatModels, contexts }) {
   let conversations = loadConversations();
   let current = conversations[0] ?? newConversation();
   let controller = null;
 
   fillPicker($("model"), chatModels);
+
+  // What the chosen model may hold per request; a larger max tokens is still sent, so that the
+  // server's own message says why it cannot be.
+  function showContext() {
+    const context = contexts?.[$("model").value];
+    $("model-context").textContent = context
+      ? `Context: ${context.toLocaleString("en")} tokens (prompt and answer)`
+      : "";
+    $("model-context").dataset.tokens = context ?? "";
+  }
+  $("model").addEventListener("change", showContext);
+  showContext();
 
   function keep() {
     conversations = [current, ...conversations.filter((c) => c.id !== current.id)].filter(
@@ -260,8 +279,7 @@ export function setUpChat({ chatModels }) {
         item.dataset.state = "stopped";
       } else {
         answer.error = error.message;
-        elements.stats.textContent = error.message;
-        elements.stats.classList.add("error");
+        showRefusal(elements, error.message);
         item.dataset.state = "error";
       }
     } finally {

@@ -19,6 +19,7 @@ from loguru import logger
 
 from vllm_obtain.contract import (
     CONSTRAINED_OUTPUT,
+    PROGRESS_STAT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
@@ -27,6 +28,7 @@ from vllm_obtain.contract import (
     ModelInfo,
     TokenChunk,
 )
+from vllm_obtain.contract.kv_layout import auto_kv_tokens
 from vllm_obtain.engines.engine_thread import Courier, Job, stream_job
 from vllm_obtain.engines.llama_cpp import native_log
 from vllm_obtain.engines.llama_cpp.sampling import SequenceSampler
@@ -37,9 +39,6 @@ from vllm_obtain.engines.llama_cpp.step_sampling import (
     is_plain,
     step_sampler,
 )
-
-DEFAULT_MAX_CONTEXT = 8192
-DEFAULT_MAX_KV_TOKENS = 32768
 
 
 def _import_llama_cpp() -> tuple[Any, Any]:
@@ -72,7 +71,7 @@ class LlamaCppEngine:
         gpu_layers: int = 0,
         parallel: int = 16,
         kv_cache_tokens: int = 0,
-        kv_unified: bool = False,
+        kv_unified: bool = True,
     ) -> None:
         self.model_path = Path(model_path)
         self._context_length = context_length
@@ -107,14 +106,8 @@ class LlamaCppEngine:
             path_model=str(self.model_path), params=model_params, verbose=False
         )
         model = self._model
-        # llama.cpp allocates the whole KV cache up front, so the defaults are bounded: models
-        # trained for 128k tokens would otherwise claim tens of GiB. --ctx-size raises them.
-        context = self._context_length or min(model.n_ctx_train(), DEFAULT_MAX_CONTEXT)
-        # KV cells for all slots: by default room for every slot to use a quarter of the
-        # context at once (bounded), and never less than one full context in all.
-        kv_tokens = self._kv_cache_tokens or max(
-            context, min(self._parallel * context // 4, DEFAULT_MAX_KV_TOKENS)
-        )
+        context = self._context_length or model.n_ctx_train()
+        kv_tokens = self._kv_cache_tokens or auto_kv_tokens(context, self._parallel)
         params = lib.llama_context_default_params()
         # Split, each slot gets an equal share (llama.cpp wants n_ctx a multiple of them).
         params.n_ctx = (
@@ -127,6 +120,7 @@ class LlamaCppEngine:
         self._ctx = internals.LlamaContext(model=model, params=params, verbose=False)
         # What one request may hold: the whole pool, or its slot's share.
         room = self._ctx.n_ctx() if self._kv_unified else lib.llama_n_ctx_seq(self._ctx.ctx)
+        usable = min(context, room)
         vocab, n_vocab = model.vocab, model.n_vocab()
         # Computed once per model so the per-token work is a list lookup.
         pieces = [self._token_piece(vocab, t) for t in range(n_vocab)]
@@ -148,6 +142,9 @@ class LlamaCppEngine:
             kv_tokens=room,
             batch_size=self._batch_size,
             unified=self._kv_unified,
+            # Idle caches beyond one context's worth slow every running token more than they
+            # are likely to save: the most recently used conversation stays whole.
+            idle_cache_tokens=usable,
             sample_step=step_sampler(lib, n_vocab),
             flush=self._courier.flush,
         )
@@ -155,7 +152,7 @@ class LlamaCppEngine:
             "llama.cpp loaded {} {} (context {}, KV cache {} tokens {}, {} parallel, {} threads)",
             self.model_path.name,
             native_log.describe_offload(lib, self._gpu_layers),
-            min(context, room),
+            usable,
             self._ctx.n_ctx(),
             "in one pool" if self._kv_unified else f"split into {room} per slot",
             self._parallel,
@@ -163,13 +160,14 @@ class LlamaCppEngine:
         )
         if room < context:
             logger.info(
-                "a request may hold {} tokens, its slot's share of the KV cache (the model's own "
-                "context is {}): --kv-cache-tokens, fewer --parallel or --kv-unified give more",
+                "a request may hold {} tokens, {} (the model's own context is {}): a larger "
+                "--kv-cache-tokens or --memory-budget gives more",
                 room,
+                "the whole KV cache" if self._kv_unified else "its slot's share of the KV cache",
                 context,
             )
         return ModelInfo(
-            context_length=min(context, room),
+            context_length=usable,
             vocab_size=n_vocab,
             chat_template=model.metadata().get("tokenizer.chat_template"),
             bos_token=self._special_text(model.token_bos()),
@@ -210,9 +208,11 @@ class LlamaCppEngine:
             return {"running": 0, "waiting": self._jobs.qsize()}
         return {
             "running": scheduler.running,
-            "waiting": len(scheduler.waiting) + self._jobs.qsize(),
-            "kv_cache_usage": scheduler.kv_reserved / self._ctx.n_ctx(),
+            "waiting": len(scheduler.waiting) + scheduler.preempted + self._jobs.qsize(),
+            "kv_cache_usage": min(1.0, scheduler.kv_reserved / self._ctx.n_ctx()),
             "prefix_tokens_reused": scheduler.prefix_tokens_reused,
+            "preemptions": scheduler.preemptions,
+            PROGRESS_STAT: scheduler.evaluated_tokens,
         }
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:

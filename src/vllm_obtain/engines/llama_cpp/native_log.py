@@ -12,6 +12,9 @@ from loguru import logger
 
 _OFFLOADED = re.compile(rb"offloaded (\d+)/(\d+) layers to GPU")
 _ERROR = 3  # ggml_log_level: GGML_LOG_LEVEL_ERROR
+# Said of every unified pool larger than the model's context; the scheduler keeps each request
+# within that context, so it would only alarm an operator.
+_POOL_NOT_CONTEXT = re.compile(rb"n_ctx_seq \(\d+\) > n_ctx_train")
 
 # (offloaded, total) from the last model load, when llama.cpp said it.
 last_offload: tuple[int, int] | None = None
@@ -28,7 +31,7 @@ def install(lib: Any) -> None:
         global last_offload
         if (found := _OFFLOADED.search(text or b"")) is not None:
             last_offload = (int(found.group(1)), int(found.group(2)))
-        elif level == _ERROR:
+        elif level == _ERROR and not _POOL_NOT_CONTEXT.search(text or b""):
             logger.warning("llama.cpp: {}", (text or b"").decode(errors="replace").strip())
 
     _callback = lib.llama_log_callback(on_log)

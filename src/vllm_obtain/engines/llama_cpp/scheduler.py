@@ -6,11 +6,18 @@ stalls the others' decoding. A request joins at the next step and leaves when do
 of a step are sampled together (step_sampling), and what the step produced for every sequence
 leaves in one hand-over (`flush`), so the per-token work stays off the per-sequence path.
 
-The KV cache is split evenly among the slots by default, as llama.cpp's server does with
---parallel: a token attends only over its own slot's cells. With `unified`, it is one pool
-shared by all slots, so one request may use far more than its share; a request is then
-admitted only when its prompt plus max_tokens fits in what is free (idle slots' caches are
-evicted, least recently used first), so a running sequence never runs out of room.
+The KV cache is one pool shared by all slots (`unified`, the default, as llama.cpp's server
+now does), so one request may use the whole context beside many others. A request is admitted
+when its prompt plus a little room to grow fits in what is free (idle slots' caches are
+evicted, least recently used first); the rest of its max_tokens is not held back, as vLLM
+does not: when the pool runs out mid-generation, the most recently started sequence is
+preempted (its cells freed) and resumed later by evaluating its tokens again, the oldest first,
+before any new request. Every token's attention walks all the pool's occupied cells (llama.cpp
+skips the masked ones cheaply, not for free), so the cells idle caches hold are bounded
+(`idle_cache_tokens`, least recently used evicted first). Split (`unified=False`), each slot
+has an equal share of its own, as llama.cpp's server does with --parallel without
+--kv-unified: a token then attends only over its own slot's cells, and a request may hold
+only that share.
 
 A finished sequence's KV stays in its slot, and a new request reuses every cached token of the
 longest prefix it shares with any slot (a system prompt, the earlier turns of a chat): from its
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +43,17 @@ from loguru import logger
 from vllm_obtain.contract import EngineRequestError, GenerationRequest, TokenChunk
 from vllm_obtain.engines.engine_thread import Job
 from vllm_obtain.engines.llama_cpp.step_sampling import Pick, Sampler, StepSampler, sample_each
+
+# KV cells a new request is promised beyond its prompt (its max_tokens, when smaller): enough
+# that short answers never preempt anybody, small enough that an unset max_tokens (all the
+# context) does not keep others waiting for room it may never use.
+GROWTH_RESERVE = 256
+# How long an idle cache may slow running requests before it is dropped: an agent's next turn
+# (after a tool ran) or a chat's next message usually comes sooner; re-reading a long prompt
+# costs far more than walking its cells for that long.
+IDLE_CACHE_SECONDS = 30.0
+IDLE_CACHES = 4
+STARVED_STEPS = 4
 
 
 def shared_prefix(a: list[int], b: tuple[int, ...] | list[int]) -> int:
@@ -56,13 +75,34 @@ class Slot:
     pending: list[int] = field(default_factory=list)  # prompt tokens not evaluated yet
     next_token: int | None = None  # sampled, to be evaluated in the next step
     sampler: Sampler | None = None
-    reserved: int = 0  # KV cells held for this request: prompt + max_tokens
+    reserved: int = 0  # KV cells promised at admission: prompt + the room to grow given
     produced: int = 0
-    last_used: int = 0
+    last_used: int = 0  # a clock tick: when its request started (busy) or ended (idle)
+    idle_since: float = 0.0  # when its last request ended (the scheduler's clock)
+    preempted: bool = False  # its cells were freed for others; `pending` holds all its tokens
+    starved: int = 0  # steps its pending prompt got no room in the batch
 
     @property
     def busy(self) -> bool:
         return self.job is not None
+
+    @property
+    def decoding(self) -> bool:
+        return self.job is not None and not self.preempted
+
+    @property
+    def seeded(self) -> bool:
+        return self.job is not None and self.job.request.sampling.seed is not None
+
+    @property
+    def held(self) -> int:
+        """KV cells this slot holds or was promised (a copied prefix counted in every slot
+        that shares it: the count errs on the full side)."""
+        if self.job is None:
+            return len(self.cached)
+        if self.preempted:
+            return 0
+        return max(self.reserved, len(self.cached) + len(self.pending) + 1)
 
 
 class BatchScheduler:
@@ -85,6 +125,10 @@ class BatchScheduler:
         kv_tokens: int,
         batch_size: int,
         unified: bool = True,
+        growth_reserve: int = GROWTH_RESERVE,
+        idle_cache_tokens: int | None = None,
+        idle_cache_seconds: float = IDLE_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
         sample_step: StepSampler = sample_each,
         flush: Callable[[], None] = lambda: None,
     ) -> None:
@@ -93,20 +137,30 @@ class BatchScheduler:
         self._pieces, self._is_eog = pieces, is_eog
         # Unified: the whole pool; split: each slot's own share.
         self._kv_tokens, self._batch_size, self._unified = kv_tokens, batch_size, unified
+        self._growth_reserve = growth_reserve
+        self._idle_cache_tokens = kv_tokens if idle_cache_tokens is None else idle_cache_tokens
+        self._idle_cache_seconds, self._now = idle_cache_seconds, clock
         self._batch = lib.llama_batch_init(batch_size, 0, 1)
         self.slots = [Slot(seq_id=i) for i in range(n_slots)]
         self.waiting: deque[Job] = deque()
         self.prefix_tokens_reused = 0  # prompt tokens served from cache instead of recomputed
+        self.evaluated_tokens = 0  # tokens through llama_decode: progress, prefill included
+        self.preemptions = 0
+        self._ended_since_preemption = True
         self._clock = itertools.count()
 
     @property
     def running(self) -> int:
-        return sum(slot.busy for slot in self.slots)
+        return sum(slot.decoding for slot in self.slots)
+
+    @property
+    def preempted(self) -> int:
+        return sum(slot.busy and slot.preempted for slot in self.slots)
 
     @property
     def kv_reserved(self) -> int:
-        """KV cells promised to running requests (what admission counts against the pool)."""
-        return sum(s.reserved for s in self.slots if s.busy)
+        """KV cells running requests hold or were promised (what admission counts)."""
+        return sum(s.held for s in self.slots if s.busy)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -116,7 +170,7 @@ class BatchScheduler:
     def serve(self, jobs: queue.Queue[Job | None]) -> None:
         """The engine loop: take new jobs, admit what fits, run one step; until told to stop."""
         while True:
-            idle = not self.running and not self.waiting
+            idle = not self.running and not self.waiting and not self.preempted
             try:
                 incoming = jobs.get(block=idle)
                 while True:
@@ -133,6 +187,8 @@ class BatchScheduler:
         self._drop_cancelled()
         try:
             self._admit()
+            if self._unified:
+                self._trim_idle_caches()
             if self.running:
                 self._decode()
         except Exception as exc:  # a bug or a native error: fail these requests, keep serving
@@ -149,12 +205,14 @@ class BatchScheduler:
             if slot.job is not None and slot.job.cancelled.is_set():
                 self._finish(slot)
 
-    def _kv_in_use(self, excluding: Slot) -> int:
-        return sum(
-            s.reserved if s.busy else len(s.cached) for s in self.slots if s is not excluding
-        )
+    def _kv_in_use(self, excluding: Slot | None = None) -> int:
+        return sum(s.held for s in self.slots if s is not excluding)
 
     def _admit(self) -> None:
+        while self._resume_preempted():
+            pass
+        if self.preempted:
+            return  # who was preempted goes first: nothing new until it runs again
         while self.waiting:
             job = self.waiting[0]
             prompt = job.request.prompt_tokens
@@ -174,7 +232,8 @@ class BatchScheduler:
                 return
             # The free slot whose cached tokens share the longest prefix with this prompt.
             slot = max(free, key=lambda s: (shared_prefix(s.cached, prompt), -s.last_used))
-            if self._unified and not self._make_room(need, keep=slot):
+            reserve = len(prompt) + min(job.request.max_tokens, self._growth_reserve)
+            if self._unified and not self._make_room(reserve, keep=slot):
                 return
             self.waiting.popleft()
             try:
@@ -182,7 +241,7 @@ class BatchScheduler:
             except Exception as exc:  # this request alone fails (refused: a 400), never lost
                 job.emit(exc)
                 continue
-            self._start(slot, job, sampler)
+            self._start(slot, job, sampler, reserve)
 
     def _make_room(self, need: int, *, keep: Slot) -> bool:
         """Evict the KV of idle slots, least recently used first, until `need` cells fit; evict
@@ -198,12 +257,45 @@ class BatchScheduler:
             self._clear_cache(slot)
         return True
 
-    def _start(self, slot: Slot, job: Job, sampler: Sampler) -> None:
+    def _trim_idle_caches(self) -> None:
+        """Idle caches cost every running token a walk over their cells (here, one stream of
+        short chats decodes 10-13 % slower beside a dozen idle caches of 180 cells, and eight
+        streams 30-50 % slower beside 8000 cells). While requests run, keep only the
+        `IDLE_CACHES` most recently used (llama.cpp's server, at its defaults, keeps four
+        slots' caches), within `idle_cache_tokens` in all, and for `idle_cache_seconds` at
+        most (long enough for an agent's or a chat's next turn)."""
+        if not self.running:
+            return
+        idle = sorted((s for s in self.slots if not s.busy and s.cached),
+                      key=lambda s: s.last_used)  # fmt: skip
+        stale_before = self._now() - self._idle_cache_seconds
+        idle_cells = sum(len(s.cached) for s in idle)
+        over_pool = self._kv_in_use() - self._kv_tokens
+        for left, slot in zip(range(len(idle), 0, -1), idle, strict=True):
+            within = idle_cells <= self._idle_cache_tokens and over_pool <= 0
+            if within and left <= IDLE_CACHES and slot.idle_since >= stale_before:
+                continue
+            idle_cells -= len(slot.cached)
+            over_pool -= len(slot.cached)
+            self._clear_cache(slot)
+
+    def _start(self, slot: Slot, job: Job, sampler: Sampler, reserve: int) -> None:
         prompt = list(job.request.prompt_tokens)
-        source, shared = self._longest_cached_prefix(prompt, own=slot)
-        # At least one prompt token must be evaluated to get the logits for the first sample.
-        reuse = min(shared, len(prompt) - 1)
-        if job.request.sampling.seed is not None:
+        reuse = self._place(slot, prompt, seeded=job.request.sampling.seed is not None)
+        slot.job, slot.next_token, slot.produced = job, None, 0
+        slot.reserved = reserve
+        slot.sampler = sampler
+        slot.last_used = next(self._clock)
+        if reuse:
+            logger.debug("request {} reuses {} cached prompt tokens", job.request.request_id, reuse)
+
+    def _place(self, slot: Slot, tokens: list[int], *, seeded: bool) -> int:
+        """Give `slot` the KV of the longest cached prefix of `tokens` (its own, or copied from
+        another slot) and leave the rest pending; return how many tokens were reused."""
+        source, shared = self._longest_cached_prefix(tokens, own=slot)
+        # At least one token must be evaluated to get the logits for the next sample.
+        reuse = min(shared, len(tokens) - 1)
+        if seeded:
             reuse -= reuse % self._batch_size  # whole chunks only (see the module docstring)
         memory, lib = self._ctx.memory, self._lib
         if source is not slot and reuse > 0:
@@ -215,20 +307,64 @@ class BatchScheduler:
                 lib.llama_memory_seq_rm(memory, slot.seq_id, reuse, -1)
         else:
             lib.llama_memory_seq_rm(memory, slot.seq_id, reuse, -1)
-        slot.cached = prompt[:reuse]
-        slot.pending = prompt[reuse:]
-        slot.job, slot.next_token, slot.produced = job, None, 0
-        slot.reserved = len(prompt) + job.request.max_tokens
-        slot.sampler = sampler
-        slot.last_used = next(self._clock)
-        if reuse:
-            self.prefix_tokens_reused += reuse
-            logger.debug(
-                "request {} reuses {} cached prompt tokens{}",
-                job.request.request_id,
-                reuse,
-                "" if source is slot else f" (copied from slot {source.seq_id})",
-            )
+        slot.cached = tokens[:reuse]
+        slot.pending = tokens[reuse:]
+        self.prefix_tokens_reused += reuse
+        return reuse
+
+    # --- preemption -----------------------------------------------------------------------
+
+    def _resume_preempted(self) -> bool:
+        """Give the longest-waiting preempted sequence its cells back when they fit (evicting
+        idle caches); False when there is none, or it must wait longer."""
+        waiting = [s for s in self.slots if s.busy and s.preempted]
+        # Our count of cells errs on the full side, but llama.cpp just found none: only cells
+        # freed by a request that ended since are known to be there.
+        if not waiting or (self.running and not self._ended_since_preemption):
+            return False
+        slot = min(waiting, key=lambda s: s.last_used)
+        if not self._make_room(len(slot.pending) + 1, keep=slot):
+            return False
+        assert slot.job is not None
+        reuse = self._place(slot, slot.pending, seeded=slot.seeded)
+        slot.preempted = False
+        slot.reserved = len(slot.cached) + len(slot.pending) + 1
+        logger.info(
+            "request {} resumes ({} tokens to evaluate again, {} reused)",
+            slot.job.request.request_id,
+            len(slot.pending),
+            reuse,
+        )
+        return True
+
+    def _free_cells(self) -> bool:
+        """llama.cpp found no room for a step: drop every idle cache, or else preempt the most
+        recently started sequence (never the only one). False when neither is possible."""
+        idle = [s for s in self.slots if not s.busy and s.cached]
+        for slot in idle:
+            self._clear_cache(slot)
+        if idle:
+            return True
+        decoding = [s for s in self.slots if s.decoding]
+        if len(decoding) < 2:
+            return False
+        # The most recently started, unseeded if any: a seeded one read again in chunks would
+        # not give the text it gives uninterrupted.
+        victim = max(decoding, key=lambda s: (not s.seeded, s.last_used))
+        assert victim.job is not None
+        fed_back = [victim.next_token] if victim.next_token is not None else []
+        self._lib.llama_memory_seq_rm(self._ctx.memory, victim.seq_id, -1, -1)
+        victim.pending = victim.cached + fed_back + victim.pending
+        victim.cached, victim.next_token, victim.preempted = [], None, True
+        self.preemptions += 1
+        self._ended_since_preemption = False
+        logger.info(
+            "the KV cache is full: request {} is preempted, to resume when there is room "
+            "({} tokens held)",
+            victim.job.request.request_id,
+            len(victim.pending),
+        )
+        return True
 
     def _longest_cached_prefix(self, prompt: list[int], *, own: Slot) -> tuple[Slot, int]:
         """The slot whose evaluated tokens share the longest prefix with `prompt`, and how long;
@@ -247,27 +383,43 @@ class BatchScheduler:
         picks: list[tuple[Slot, int]] = []  # (slot, batch index of the row to sample)
         added: list[tuple[Slot, list[int]]] = []  # (slot, tokens it put in this batch)
         for slot in self.slots:
-            if slot.busy and slot.next_token is not None:
+            if slot.decoding and slot.next_token is not None:
                 picks.append((slot, self._add(slot, [slot.next_token], logits_last=True)))
                 added.append((slot, [slot.next_token]))
         budget = self._batch_size - batch.n_tokens
-        for slot in self.slots:
+        # The shortest prompts first: a chat's question waits one step, not behind an agent's
+        # 15,000 tokens, which take what is left of every step; a prompt left out for
+        # STARVED_STEPS steps goes first, so a stream of questions never holds it back.
+        prefilling = sorted((s for s in self.slots if s.decoding and s.pending),
+                            key=lambda s: (s.starved < STARVED_STEPS, len(s.pending)))  # fmt: skip
+        for slot in prefilling:
             if budget <= 0:
-                break
-            if slot.busy and slot.pending:
-                # Chunks end on multiples of the batch size, so a prompt is cut the same way
-                # whether or not part of it was cached.
+                slot.starved += 1
+                continue
+            slot.starved = 0
+            room = budget
+            if slot.seeded:
+                # Chunks end on multiples of the batch size, so a seeded prompt is cut the
+                # same way whether or not part of it was cached.
                 room = min(budget, self._batch_size - len(slot.cached) % self._batch_size)
-                chunk, slot.pending = slot.pending[:room], slot.pending[room:]
-                index = self._add(slot, chunk, logits_last=not slot.pending)
-                if not slot.pending:
-                    picks.append((slot, index))
-                added.append((slot, chunk))
-                budget -= len(chunk)
+            chunk = slot.pending[:room]
+            last = len(chunk) == len(slot.pending)
+            index = self._add(slot, chunk, logits_last=last)
+            if last:
+                picks.append((slot, index))
+            added.append((slot, chunk))
+            budget -= len(chunk)
         code = self._lib.llama_decode(self._ctx.ctx, batch)
+        # 1: no room in the pool for this batch (llama.cpp changed nothing): make some, and the
+        # next step tries again.
+        if code == 1 and self._unified and self._free_cells():
+            return
         if code != 0:
             raise RuntimeError(f"llama_decode returned {code}")
+        self.evaluated_tokens += batch.n_tokens
         for slot, tokens in added:
+            if slot.next_token is None:  # a prompt chunk, not a sampled token fed back
+                del slot.pending[: len(tokens)]
             slot.cached.extend(tokens)
             slot.next_token = None
         # llama.cpp's logits rows follow the batch order of the entries that asked for logits.
@@ -323,8 +475,12 @@ class BatchScheduler:
     def _finish(self, slot: Slot) -> None:
         """The request is done or gone; its KV stays cached for prefix reuse."""
         self._release(slot)
+        self._ended_since_preemption = True
+        if slot.preempted:  # its cells are gone: nothing cached to reuse
+            self._clear_cache(slot)
         slot.job, slot.pending, slot.next_token, slot.reserved = None, [], None, 0
-        slot.last_used = next(self._clock)
+        slot.preempted = False
+        slot.last_used, slot.idle_since = next(self._clock), self._now()
 
     def _release(self, slot: Slot) -> None:
         if slot.sampler is not None:

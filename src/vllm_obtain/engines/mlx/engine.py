@@ -21,6 +21,7 @@ from loguru import logger
 
 from vllm_obtain.contract import (
     CONSTRAINED_OUTPUT,
+    PROGRESS_STAT,
     STANDARD_SAMPLING,
     EngineError,
     EngineNotInstalledError,
@@ -70,6 +71,32 @@ PROMPT_CACHE_ENTRIES = 10
 MODEL_KEY = "served"  # the prompt cache's key: this engine serves one model
 
 
+def _prefill_step_size() -> int:
+    """Prompt tokens read per generator step, each step also decoding the running sequences:
+    mlx-lm's 2048 on a GPU; 256 on MLX's CPU backend, which reads about 15 tokens a second
+    here (2048 would stall the other streams, and the watchdog, for over two minutes)."""
+    import mlx.core as mx
+
+    return 2048 if mx.default_device().type == mx.gpu else 256
+
+
+class _CountingModel:
+    """The model as BatchGenerator calls it, counting the tokens of every forward pass: one
+    generator step reads a whole prompt, in chunks, so this count is the progress the
+    supervisor sees during a long prefill (PROGRESS_STAT)."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.tokens = 0
+
+    def __call__(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        self.tokens += int(inputs.size)
+        return self._model(inputs, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+
 class MlxEngine:
     """Serves one Hugging Face-format (or mlx-community) model directory with mlx-lm."""
 
@@ -91,6 +118,7 @@ class MlxEngine:
         self._grammars: JsonGrammars | None = None  # made on the first JSON request
         self._pieces: list[bytes] | None = None
         self._prompt_cache: Any = None  # mlx-lm's LRUPromptCache, made on the engine thread
+        self._forward: _CountingModel | None = None
         self.prefix_tokens_reused = 0
 
     async def load(self) -> ModelInfo:
@@ -145,6 +173,7 @@ class MlxEngine:
             "running": self._active,
             "waiting": self._jobs.qsize(),
             "prefix_tokens_reused": self.prefix_tokens_reused,
+            PROGRESS_STAT: self._forward.tokens if self._forward is not None else 0,
         }
 
     def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenChunk, None]:
@@ -158,8 +187,12 @@ class MlxEngine:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
         eos = sorted(self._tokenizer.eos_token_ids)
+        self._forward = _CountingModel(self._model)
         generator = BatchGenerator(
-            self._model, stop_tokens=[[t] for t in eos], completion_batch_size=self._max_batch
+            self._forward,  # type: ignore[arg-type]  # it calls the model and reads attributes
+            stop_tokens=[[t] for t in eos],
+            completion_batch_size=self._max_batch,
+            prefill_step_size=_prefill_step_size(),
         )
         no_stop = StopSequences(None)
         running: dict[int, _Sequence] = {}

@@ -216,8 +216,9 @@ def engine_arguments(
     """vLLM's AsyncEngineArgs for the model: what the operator passed (--vllm-arg, and the
     parallelism --tensor-parallel/--pipeline-parallel set) over our defaults."""
     args: dict[str, Any] = {"model": str(model_dir), **engine_args}
-    if context_length:
-        args.setdefault("max_model_len", context_length)
+    # -1: vLLM's auto-fit, the model's own context where the KV cache holds one whole request,
+    # else the longest it holds (instead of refusing to start).
+    args.setdefault("max_model_len", context_length or -1)
     args.setdefault("disable_log_stats", True)
     return args
 
