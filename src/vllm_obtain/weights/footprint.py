@@ -200,27 +200,35 @@ def estimate_footprint(
     if engine == "llama.cpp":
         tokens = llama_cpp_kv_tokens(shape, config)
     else:  # MLX allocates as sequences grow: counted as one sequence at its whole context
-        tokens = config.context_length or shape.trained_context or MLX_DEFAULT_CONTEXT
+        tokens = model_context(shape, config, engine)
     return Footprint(weights, tokens * shape.kv_bytes_per_token, runtime)
+
+
+def model_context(shape: ModelShape, config: EngineConfig, engine: str) -> int:
+    """The context the engine gives the model: --ctx-size, else the model's own."""
+    unknown = LLAMA_CPP_UNKNOWN_CONTEXT if engine == "llama.cpp" else MLX_DEFAULT_CONTEXT
+    return config.context_length or shape.trained_context or unknown
 
 
 def llama_cpp_kv_tokens(shape: ModelShape, config: EngineConfig) -> int:
     """The KV cells llama.cpp will allocate for this model with `config`."""
-    context = config.context_length or shape.trained_context or LLAMA_CPP_UNKNOWN_CONTEXT
+    context = model_context(shape, config, "llama.cpp")
     return config.kv_cache_tokens or auto_kv_tokens(context, config.parallel)
 
 
 def planned_context(path: Path, *, engine: str, config: EngineConfig) -> int:
     """The tokens a request will be able to hold once the model is loaded with `config`, as far
     as its metadata tells before loading (0: unknown; vLLM decides its own)."""
+    if engine == "vllm":
+        return 0
     shape = gguf_shape(path) if path.is_file() else hf_shape(path)
-    if shape is None or engine == "vllm":
-        return config.context_length if engine != "vllm" else 0
-    if engine == "llama.cpp":
-        context = config.context_length or shape.trained_context or LLAMA_CPP_UNKNOWN_CONTEXT
-        pool = llama_cpp_kv_tokens(shape, config)
-        return min(context, pool if config.kv_unified else pool // config.parallel)
-    return config.context_length or shape.trained_context or MLX_DEFAULT_CONTEXT
+    if shape is None:
+        return config.context_length
+    context = model_context(shape, config, engine)
+    if engine != "llama.cpp":
+        return context
+    pool = llama_cpp_kv_tokens(shape, config)
+    return min(context, pool if config.kv_unified else pool // config.parallel)
 
 
 def fit_kv_cache(path: Path, *, engine: str, config: EngineConfig, budget: int) -> EngineConfig:
@@ -240,5 +248,5 @@ def fit_kv_cache(path: Path, *, engine: str, config: EngineConfig, budget: int) 
     tokens = room // shape.kv_bytes_per_token // 256 * 256  # llama.cpp pads to 256 cells
     if tokens < MIN_KV_TOKENS:
         return config
-    context = config.context_length or shape.trained_context or LLAMA_CPP_UNKNOWN_CONTEXT
+    context = model_context(shape, config, engine)
     return replace(config, kv_cache_tokens=tokens, context_length=min(context, tokens))

@@ -192,7 +192,6 @@ export function setUpChat({ chatModels, contexts }) {
     $("model-context").textContent = context
       ? `Context: ${context.toLocaleString("en")} tokens (prompt and answer)`
       : "";
-    $("model-context").dataset.tokens = context ?? "";
   }
   $("model").addEventListener("change", showContext);
   showContext();

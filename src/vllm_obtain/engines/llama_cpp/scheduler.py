@@ -243,11 +243,15 @@ class BatchScheduler:
                 continue
             self._start(slot, job, sampler, reserve)
 
+    def _idle_caches(self, excluding: Slot | None = None) -> list[Slot]:
+        """Idle slots that hold cached KV, least recently used first."""
+        idle = [s for s in self.slots if not s.busy and s.cached and s is not excluding]
+        return sorted(idle, key=lambda s: s.last_used)
+
     def _make_room(self, need: int, *, keep: Slot) -> bool:
         """Evict the KV of idle slots, least recently used first, until `need` cells fit; evict
         nothing when even all of it would not make room (the request waits, the caches stay)."""
-        idle = sorted((s for s in self.slots if not s.busy and s is not keep and s.cached),
-                      key=lambda s: s.last_used)  # fmt: skip
+        idle = self._idle_caches(excluding=keep)
         in_use = self._kv_in_use(excluding=keep)
         if in_use - sum(len(s.cached) for s in idle) + need > self._kv_tokens:
             return False
@@ -266,8 +270,7 @@ class BatchScheduler:
         most (long enough for an agent's or a chat's next turn)."""
         if not self.running:
             return
-        idle = sorted((s for s in self.slots if not s.busy and s.cached),
-                      key=lambda s: s.last_used)  # fmt: skip
+        idle = self._idle_caches()
         stale_before = self._now() - self._idle_cache_seconds
         idle_cells = sum(len(s.cached) for s in idle)
         over_pool = self._kv_in_use() - self._kv_tokens
@@ -340,7 +343,7 @@ class BatchScheduler:
     def _free_cells(self) -> bool:
         """llama.cpp found no room for a step: drop every idle cache, or else preempt the most
         recently started sequence (never the only one). False when neither is possible."""
-        idle = [s for s in self.slots if not s.busy and s.cached]
+        idle = self._idle_caches()
         for slot in idle:
             self._clear_cache(slot)
         if idle:
