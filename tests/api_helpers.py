@@ -32,10 +32,17 @@ def make_app(
 class ReadyTestClient(TestClient):
     """A TestClient that, on entering, waits until the models (loaded in the background) are up."""
 
+    def __init__(self, app: Any, **options: Any) -> None:
+        # A client on this machine, as the server's own user is (not TestClient's "testclient",
+        # which is no address: /admin/* would take it for a stranger's).
+        options.setdefault("client", ("127.0.0.1", 50000))
+        super().__init__(app, **options)
+
     def __enter__(self) -> "ReadyTestClient":
         super().__enter__()
-        keys = cast(FastAPI, self.app).state.config.api_keys
-        headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+        keyring = cast(FastAPI, self.app).state.config.keyring
+        key = keyring.first_key(admin=False) or keyring.first_key(admin=True)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.get("/health/ready", headers=headers).status_code == 200:

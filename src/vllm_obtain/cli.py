@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from vllm_obtain import __version__
 from vllm_obtain.cli_flags import (
+    PULL_SETTINGS,
     add_settings_flags,
     add_storage_flags,
     overrides_from,
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one GGUF of it, or the http(s) URL of a .gguf file (#sha256=HEX checks it)",
     )
     pull_cmd.add_argument("--sha256", help="the file's expected sha256 (64 hex digits)")
+    add_settings_flags(pull_cmd, only=PULL_SETTINGS)  # the guard of URL pulls, as serve's
     pull_cmd.set_defaults(func=pull_command)
     list_cmd = commands.add_parser("list", help="the installed models and the engine for each")
     list_cmd.add_argument(
@@ -236,13 +238,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vllm_obtain.cluster import RayNotInstalledError
     from vllm_obtain.contract import EngineNotInstalledError
     from vllm_obtain.weights.catalog import ModelResolutionError
+    from vllm_obtain.wiring import KeysFileError
 
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ModelResolutionError, EngineNotInstalledError, RayNotInstalledError) as exc:
+    except (
+        ModelResolutionError,
+        EngineNotInstalledError,
+        RayNotInstalledError,
+        KeysFileError,
+    ) as exc:
         print(f"vllm-obtain: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:  # a flag, OBTAIN_* variable or .env line out of range

@@ -5,17 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import types
+from collections.abc import Collection
 from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BeforeValidator
 
 from vllm_obtain.settings import Settings, choices_of, default_of, flag_of, shown_as
 
+# The settings of the `pull` command besides the folders: what a URL pull may reach and write.
+PULL_SETTINGS = ("pull_allow_http", "pull_allow_hosts", "pull_max_size")
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (the model is positional). An unset flag stays None, which
-    leaves env vars and the .env file in charge."""
+
+def add_settings_flags(
+    parser: argparse.ArgumentParser, only: Collection[str] | None = None
+) -> None:
+    """One flag per Settings field (the model is positional), or per field named in `only`.
+    An unset flag stays None, which leaves env vars and the .env file in charge."""
     for name, field in Settings.model_fields.items():
+        if only is not None and name not in only:
+            continue
         help_text = f"{field.description} (default: {default_of(name) or 'none'})"
         help_text = help_text.replace("%", "%%")  # argparse %-formats help texts
         if name == "model":

@@ -71,9 +71,14 @@ class PullBars:
 
 def pull_command(args: argparse.Namespace) -> int:
     """Download a model (resumable, verified), with progress; print the id clients send."""
-    from vllm_obtain.weights.pull import PullError, pull
+    from vllm_obtain.weights.pull import PullError, PullPolicy, pull
 
     settings = settings_from(args)
+    policy = PullPolicy(
+        allow_http=settings.pull_allow_http,
+        allow_hosts=frozenset(settings.pull_allow_hosts),
+        max_bytes=settings.pull_max_bytes,
+    )
     bars = PullBars()
     try:
         model = pull(
@@ -82,6 +87,7 @@ def pull_command(args: argparse.Namespace) -> int:
             cache_dir=settings.cache_dir,
             sha256=args.sha256,
             on_progress=bars.show,
+            policy=policy,
         )
     except PullError as exc:
         print(f"vllm-obtain: {exc}", file=sys.stderr)
@@ -155,11 +161,15 @@ def show_running(args: argparse.Namespace) -> int:
     settings = Settings()
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     base = (args.base_url or f"http://{host}:{settings.port}").rstrip("/")
-    api_key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
+    api_key = args.api_key or next(iter([*settings.admin_keys, *settings.api_keys]), None)
     try:
         listing = fetch_json(f"{base}/admin/models", api_key)
     except urllib.error.HTTPError as exc:
-        hint = {401: ": give its key with --api-key", 404: ": is it a vllm-obtain server?"}
+        hint = {
+            401: ": give its admin key with --api-key",
+            403: ": it needs an admin key (--api-key), or run this on the server's machine",
+            404: ": is it a vllm-obtain server?",
+        }
         print(
             f"vllm-obtain: {base}/admin/models: HTTP {exc.code}{hint.get(exc.code, '')}",
             file=sys.stderr,

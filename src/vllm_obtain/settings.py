@@ -66,6 +66,36 @@ def budget_bytes(value: str, *, capacity: int) -> int:
     return size
 
 
+def size_bytes(value: str) -> int:
+    """A size ('20GiB', '500MB', '2e9') in bytes: budget_bytes without a share of anything."""
+    text = value.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    try:
+        size = int(float(number) * SIZE_UNITS[text[len(number) :]])
+    except (ValueError, KeyError, OverflowError):
+        raise ValueError(f"not a size: {value!r} (say 20GiB, 500MB or 2e9)") from None
+    if size <= 0:
+        raise ValueError(f"not a size: {value!r} (it must be above 0)")
+    return size
+
+
+RATE_WINDOWS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+                "hour": 3600}  # fmt: skip
+
+
+def rate_limit(value: str) -> tuple[int, float]:
+    """'600/min' -> (600, 60.0): so many per so many seconds; a bare number is per minute."""
+    count, _, per = value.strip().lower().partition("/")
+    try:
+        amount = int(count)
+        window = RATE_WINDOWS[per.strip() or "min"]
+    except (ValueError, KeyError):
+        raise ValueError(f"not a rate: {value!r} (say 600/min, 10/s or 5000/h)") from None
+    if amount < 1:
+        raise ValueError(f"not a rate: {value!r} (it must be at least 1)")
+    return amount, float(window)
+
+
 def replica_range(value: str) -> tuple[int, int]:
     """'1:4' -> (1, 4): the fewest and the most replicas autoscaling keeps."""
     low, sep, high = value.partition(":")
@@ -168,12 +198,18 @@ class Settings(BaseSettings):
         None, ge=1, description="CPU threads", json_schema_extra=shown("all cores")
     )
     batch_size: int = Field(512, ge=1, description="llama.cpp: tokens per decoding step")
-    parallel: int = Field(16, ge=1, description="llama.cpp: sequences decoded together")
+    parallel: int = Field(
+        16,
+        ge=1,
+        description="llama.cpp: sequences decoded together; vLLM on CPU: sequences its KV "
+        "cache is sized for",
+    )
     kv_cache_tokens: int = Field(
         0,
         ge=0,
-        description="llama.cpp: KV cache cells, shared by all requests; 0: 2048 per parallel "
-        "sequence up to 32768, never less than the context, within the memory budget",
+        description="llama.cpp (and vLLM on CPU without --kv-cache-gib): KV cache cells, "
+        "shared by all requests; 0: 2048 per parallel sequence up to 32768, never less than "
+        "the context, within the memory budget",
     )
     kv_unified: bool = Field(
         True,
@@ -196,12 +232,14 @@ class Settings(BaseSettings):
             "", flag="--vllm-arg", metavar="KEY=VALUE", env="OBTAIN_VLLM_ARGS (JSON)"
         ),
     )
-    kv_cache_gib: int | None = Field(
+    kv_cache_gib: Annotated[float, Field(gt=0)] | Literal["free"] | None = Field(
         None,
-        ge=1,
-        description="vLLM on CPU: KV cache size in GiB; unset, vLLM takes what is free on its "
-        "NUMA node less about 2 GiB (a start that cannot fit is refused, saying so)",
-        json_schema_extra=shown("the free memory"),
+        description="vLLM on CPU: KV cache size in GiB (0.5, 2) or 'free'; unset: what the "
+        "model needs, as llama.cpp's (--kv-cache-tokens, else 2048 tokens per --parallel "
+        "sequence up to 32768, never less than the context), within the memory budget; 'free': "
+        "all that is free on its NUMA node less about 2 GiB (vLLM's own sizing, blind to the "
+        "budget and to other processes; counted as 4 GiB until loaded)",
+        json_schema_extra=shown("the model's need", metavar="GIB"),
     )
     max_batch: int = Field(32, ge=1, description="MLX: sequences decoded together")
     tensor_parallel: int = Field(
@@ -258,8 +296,64 @@ class Settings(BaseSettings):
             "none: open", flag="--api-key", metavar="KEY", env="OBTAIN_API_KEYS (k1,k2)"
         ),
     )
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a key that may also manage the server (/admin/*: pull, load, unload) and "
+        "read a protected /metrics; repeatable. Without any key, /admin/* serves loopback "
+        "clients only",
+        json_schema_extra=shown(
+            "none", flag="--admin-key", metavar="KEY", env="OBTAIN_ADMIN_KEYS (k1,k2)"
+        ),
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="named keys, one 'NAME: KEY' per line ('NAME: KEY admin' for an admin "
+        "key); re-read on SIGHUP; the name is in each request's log line and metrics",
+        json_schema_extra=shown("none", metavar="PATH"),
+    )
     auth_health: bool = Field(False, description="/health* needs a key too")
-    auth_metrics: bool = Field(False, description="/metrics needs a key too")
+    auth_metrics: bool = Field(False, description="/metrics needs an admin key too")
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a host name clients may call this server by (as in the Host header: "
+        "api.example.com, *.example.com) besides IP addresses, localhost and this machine's "
+        "names; repeatable; '*' for any (this check stops DNS rebinding)",
+        json_schema_extra=shown(
+            "IPs, localhost, this machine's names",
+            flag="--allowed-host",
+            metavar="NAME",
+            env="OBTAIN_ALLOWED_HOSTS (h1,h2)",
+        ),
+    )
+    rate_limit_requests: str | None = Field(
+        None,
+        description="requests per key (per client address without keys) to /v1/*: N/min, "
+        "N/s or N/h; then 429 with Retry-After",
+        json_schema_extra=shown("off", metavar="N/min"),
+    )
+    rate_limit_tokens: str | None = Field(
+        None,
+        description="prompt and generated tokens per key (per client address without keys): "
+        "N/min, N/s or N/h; then 429 with Retry-After",
+        json_schema_extra=shown("off", metavar="N/min"),
+    )
+    pull_allow_http: bool = Field(
+        False, description="/admin/pull and pull may fetch plain http:// URLs (else https only)"
+    )
+    pull_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="a host (as in the URL, or an IP address) a pull may reach although it "
+        "resolves to a loopback, private, link-local or multicast address; repeatable",
+        json_schema_extra=shown(
+            "none", flag="--pull-allow-host", metavar="HOST", env="OBTAIN_PULL_ALLOW_HOSTS (h1,h2)"
+        ),
+    )
+    pull_max_size: str | None = Field(
+        None,
+        description="largest file a pull may write (a size: 20GiB); checked before and while "
+        "downloading",
+        json_schema_extra=shown("the free disk less 1 GiB", metavar="SIZE"),
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="a browser origin allowed, '*' for any; repeatable",
@@ -334,7 +428,15 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path("cache"), description="downloads and converted weights")
     logs_dir: Path = Field(Path("logs"), description="rotating log files (50 MB x 5)")
 
-    @field_validator("api_keys", "cors_origins", "model", mode="before")
+    @field_validator(
+        "api_keys",
+        "admin_keys",
+        "cors_origins",
+        "allowed_hosts",
+        "pull_allow_hosts",
+        "model",
+        mode="before",
+    )
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         """OBTAIN_API_KEYS=key1,key2 (or a JSON list) in env files."""
@@ -362,6 +464,20 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("pull_max_size")
+    @classmethod
+    def _size_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            size_bytes(value)  # raises on what cannot be read
+        return value
+
+    @field_validator("rate_limit_requests", "rate_limit_tokens")
+    @classmethod
+    def _rate_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            rate_limit(value)  # raises on what cannot be read
+        return value
+
     @field_validator("autoscale")
     @classmethod
     def _autoscale_readable(cls, value: str | None) -> str | None:
@@ -375,6 +491,11 @@ class Settings(BaseSettings):
         if value not in ENGINE_CHOICES:
             raise ValueError(f"unknown engine {value!r}: one of {', '.join(ENGINE_CHOICES)}")
         return value
+
+    @property
+    def pull_max_bytes(self) -> int | None:
+        """--pull-max-size in bytes; None: each pull is capped by the free disk."""
+        return size_bytes(self.pull_max_size) if self.pull_max_size is not None else None
 
     @property
     def effective_log_level(self) -> str:

@@ -20,6 +20,11 @@ from loguru import logger
 
 from vllm_obtain.api.admin import ModelPuller
 from vllm_obtain.api.app import ApiConfig, create_app
+
+# KeysFileError: for the CLI, which reports a keys file it cannot read (and imports no api).
+from vllm_obtain.api.keys import Keyring
+from vllm_obtain.api.keys import KeysFileError as KeysFileError
+from vllm_obtain.api.rate_limits import Rate
 from vllm_obtain.contract import Embedder, Engine, EngineConfig, EngineNotInstalledError
 from vllm_obtain.core.embeddings import EmbeddingModels, ServedEmbedder
 from vllm_obtain.core.registry import ModelRegistry, ModelSource
@@ -37,7 +42,7 @@ from vllm_obtain.hardware import PlatformInfo, choose_engine, detect_platform
 from vllm_obtain.logs import LOG_FILE, configure_logging
 from vllm_obtain.runtime.supervisor import SupervisedEmbedder, SupervisedEngine
 from vllm_obtain.runtime.wire import Start
-from vllm_obtain.settings import Settings, budget_bytes, split_engine
+from vllm_obtain.settings import Settings, budget_bytes, rate_limit, split_engine
 from vllm_obtain.weights.catalog import (
     ModelResolutionError,
     embedding_aliases,
@@ -61,7 +66,7 @@ from vllm_obtain.weights.inventory import (
     installed_models,
     size_on_disk,
 )
-from vllm_obtain.weights.pull import PullProgress, pull
+from vllm_obtain.weights.pull import PullPolicy, PullProgress, pull
 
 # uvicorn's reloader builds the app anew in a child process; the command line's settings
 # reach it in this variable, as JSON (cli.export_for_reloader).
@@ -117,14 +122,21 @@ def configure_logging_for(settings: Settings, *, file_name: str = LOG_FILE) -> N
 
 def api_config(settings: Settings) -> ApiConfig:
     return ApiConfig(
-        api_keys=tuple(settings.api_keys),
+        keyring=Keyring(settings.api_keys, settings.admin_keys, settings.api_keys_file),
         auth_health=settings.auth_health,
         auth_metrics=settings.auth_metrics,
         cors_origins=tuple(settings.cors_origins),
         max_body_bytes=int(settings.max_body_mb * 1024 * 1024),
         log_prompts=settings.log_prompts,
+        allowed_hosts=tuple(settings.allowed_hosts),
+        rate_limit_requests=_rate(settings.rate_limit_requests),
+        rate_limit_tokens=_rate(settings.rate_limit_tokens),
         ui=settings.ui,
     )
+
+
+def _rate(text: str | None) -> Rate | None:
+    return None if text is None else Rate(*rate_limit(text))
 
 
 def build_response_store(settings: Settings) -> ResponseStore | None:
@@ -281,11 +293,12 @@ def model_source(
 
     config = config or model_engine_config(settings, info, engine)
     budget = budget_bytes(settings.memory_budget, capacity=memory_capacity(info))
+    gpu = memory_capacity(info) if info.has_cuda_or_rocm else None
 
     def build() -> ServedModel:
         path = weights()  # an alias is only fetched now: fitted to the budget once it is here
-        fitted = fit_kv_cache(path, engine=engine, config=config, budget=budget)
-        if fitted != config:
+        fitted = fit_kv_cache(path, engine=engine, config=config, budget=budget, gpu_memory=gpu)
+        if fitted.kv_cache_tokens != config.kv_cache_tokens:  # shrunk to fit the budget
             logger.warning(
                 "{}: the memory budget ({:.1f} GiB) holds a KV cache of {} tokens beside the "
                 "weights, so a request may hold {} tokens; --memory-budget or --ctx-size "
@@ -293,7 +306,7 @@ def model_source(
                 model.id,
                 budget / GIB,
                 fitted.kv_cache_tokens,
-                planned_context(path, engine=engine, config=fitted),
+                planned_context(path, engine=engine, config=fitted, gpu_memory=gpu),
             )
         return ServedModel(
             id=model.id,
@@ -305,12 +318,13 @@ def model_source(
 
     estimate = context = 0
     if model.path.exists():
-        planned = fit_kv_cache(model.path, engine=engine, config=config, budget=budget)
-        gpu = memory_capacity(info) if info.has_cuda_or_rocm else None
+        planned = fit_kv_cache(
+            model.path, engine=engine, config=config, budget=budget, gpu_memory=gpu
+        )
         estimate = estimate_footprint(
             model.path, engine=engine, config=planned, gpu_memory=gpu
         ).total
-        context = planned_context(model.path, engine=engine, config=planned)
+        context = planned_context(model.path, engine=engine, config=planned, gpu_memory=gpu)
     return ModelSource(
         id=model.id,
         engine=engine,
@@ -339,7 +353,13 @@ def model_engine_config(settings: Settings, info: PlatformInfo, engine: str) -> 
 
 
 def model_puller(settings: Settings) -> ModelPuller:
-    """POST /admin/pull's download: weights.pull into the settings' folders."""
+    """POST /admin/pull's download: weights.pull into the settings' folders, a URL guarded by
+    the pull settings (its client chooses it: never an internal address unless allowed)."""
+    policy = PullPolicy(
+        allow_http=settings.pull_allow_http,
+        allow_hosts=frozenset(settings.pull_allow_hosts),
+        max_bytes=settings.pull_max_bytes,
+    )
 
     def pull_model(name: str, sha256: str | None, report: Callable[[dict[str, Any]], None]) -> str:
         def on_progress(progress: PullProgress) -> None:
@@ -351,6 +371,7 @@ def model_puller(settings: Settings) -> ModelPuller:
             cache_dir=settings.cache_dir,
             sha256=sha256,
             on_progress=on_progress,
+            policy=policy,
         ).id
 
     return pull_model

@@ -65,7 +65,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Iter
     assert budget < sum(total.values())
     args = [
         MODEL, f"{MLX}@mlx", "--kv-cache-gib", "1", "--memory-budget", str(budget),
-        "--keep-alive", "-1",
+        "--keep-alive", "-1", "--pull-allow-http", "--pull-allow-host", "127.0.0.1",
     ]  # fmt: skip
     with start_server(workdir, args, free_port(), cache_dir=shared_cache) as url:
         yield url

@@ -30,13 +30,15 @@ def client(
     *sources: ModelSource,
     budget_gib: float | None = None,
     keys: list[str] | None = None,
+    admin_keys: list[str] | None = None,
     puller: Callable[[str, str | None, Callable[[dict[str, Any]], None]], str] | None = None,
+    client_address: str = "127.0.0.1",
 ) -> ReadyTestClient:
     budget = None if budget_gib is None else int(budget_gib * GIB)
     registry = ModelRegistry(sources=sources, policy=ResidencyPolicy(memory_budget=budget))
-    settings = Settings(api_keys=keys or [])
+    settings = Settings(api_keys=keys or [], admin_keys=admin_keys or [])
     app = create_app(api_config(settings), registry, model_puller=puller)
-    return ReadyTestClient(app, raise_server_exceptions=False)
+    return ReadyTestClient(app, raise_server_exceptions=False, client=(client_address, 5000))
 
 
 def ask(http: ReadyTestClient, model: str, **headers: str) -> Any:
@@ -101,10 +103,31 @@ def test_asking_for_a_third_model_evicts_the_least_recently_used():
         assert 'vllm_obtain_model_loaded{engine="scripted",model="c"} 1.0' in metrics
 
 
-def test_admin_needs_the_key_when_keys_are_set():
-    with client(scripted("a", pinned=True), keys=["sk-admin"]) as http:
+def test_admin_needs_an_admin_key_a_user_key_is_refused_with_403():
+    with client(scripted("a", pinned=True), keys=["sk-user"], admin_keys=["sk-admin"]) as http:
         assert_error(http.get("/admin/models"), 401, None, "invalid_api_key")
+        refused = http.post("/admin/models/a/unload", headers={"Authorization": "Bearer sk-user"})
+        assert_error(refused, 403, None, "admin_key_required")
         assert admin_states(http, Authorization="Bearer sk-admin") == {"a": "loaded"}
+        # The admin key calls the inference API too.
+        assert ask(http, "a", Authorization="Bearer sk-admin").status_code == 200
+
+
+def test_with_user_keys_and_no_admin_key_admin_routes_are_refused_saying_how_to_allow_them():
+    with client(scripted("a", pinned=True), keys=["sk-user"]) as http:
+        refused = http.get("/admin/models", headers={"Authorization": "Bearer sk-user"})
+        error = assert_error(refused, 403, None, "admin_key_required")
+        assert "--admin-key" in error["message"]
+
+
+def test_without_keys_admin_routes_serve_this_machine_only():
+    sources = (scripted("a", pinned=True),)
+    with client(*sources) as http:
+        assert admin_states(http) == {"a": "loaded"}
+    with client(*sources, client_address="192.168.1.20") as http:
+        error = assert_error(http.get("/admin/models"), 403, None, "admin_local_only")
+        assert "--admin-key" in error["message"]
+        assert ask(http, "a").status_code == 200  # the inference API stays open
 
 
 def test_pull_streams_progress_as_json_lines_then_the_id():

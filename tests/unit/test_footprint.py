@@ -14,12 +14,17 @@ from vllm_obtain.weights.footprint import (
     GIB,
     MIB,
     RUNTIME_BYTES,
+    VLLM_CPU_FREE_KV_BYTES,
     estimate_footprint,
     fit_kv_cache,
     gguf_shape,
     hf_shape,
+    planned_context,
     read_gguf_header,
 )
+
+PER_TOKEN = 2 * 30 * 3 * 64 * 2  # SmolLM2-135M: layers x KV heads x head size, keys and values
+BLOCK = 128  # tokens in one of vLLM's KV blocks on a CPU
 
 
 @pytest.fixture(scope="module")
@@ -118,4 +123,77 @@ def test_an_operators_pool_or_a_hopeless_budget_is_left_as_it_is(embedded_gguf):
     tiny = fit_kv_cache(embedded_gguf, engine="llama.cpp", config=EngineConfig(), budget=MIB)
     assert tiny == EngineConfig()  # refused as too large when loaded, with the figures
     auto = EngineConfig()
-    assert fit_kv_cache(embedded_gguf, engine="vllm", config=auto, budget=MIB) == auto
+    assert fit_kv_cache(embedded_gguf, engine="mlx", config=auto, budget=MIB) == auto
+
+
+def test_vllm_on_cpu_gets_the_kv_cache_its_parallel_sequences_need_not_all_that_is_free(
+    embedded_gguf,
+):
+    fitted = fit_kv_cache(embedded_gguf, engine="vllm", config=EngineConfig(), budget=18 * GIB)
+    # As llama.cpp's pool: 16 sequences x 2048 tokens, in 128-token blocks, plus vLLM's null
+    # block (never given to a request), so that all 32768 tokens are usable.
+    kv_bytes = (32768 // BLOCK + 1) * BLOCK * PER_TOKEN
+    assert fitted.cpu_kv_cache_gib == kv_bytes / GIB  # 0.706 GiB, exact: bytes / 2**30
+    assert (fitted.context_length, fitted.kv_cache_tokens) == (0, 0)  # nothing shrunk
+    footprint = estimate_footprint(embedded_gguf, engine="vllm", config=fitted)
+    assert footprint.kv_cache == kv_bytes and footprint.weights == 134_515_008 * 2
+    assert footprint.total == 269_030_016 + 757_923_840 + RUNTIME_BYTES["vllm"]  # 3.7 GiB
+    # The estimate before fitting is the same: the budget is checked against what it is given.
+    assert estimate_footprint(embedded_gguf, engine="vllm", config=EngineConfig()) == footprint
+    assert planned_context(embedded_gguf, engine="vllm", config=fitted) == 8192  # the model's
+
+
+def test_vllm_on_cpu_sizes_its_kv_cache_from_parallel_and_the_context(embedded_gguf):
+    one = fit_kv_cache(embedded_gguf, engine="vllm", config=EngineConfig(parallel=1), budget=GIB)
+    assert one.cpu_kv_cache_gib == (8192 // BLOCK + 1) * BLOCK * PER_TOKEN / GIB  # one context
+    asked = EngineConfig(kv_cache_tokens=4096)
+    small = fit_kv_cache(embedded_gguf, engine="vllm", config=asked, budget=GIB)
+    assert small.cpu_kv_cache_gib == (4096 // BLOCK + 1) * BLOCK * PER_TOKEN / GIB
+    assert planned_context(embedded_gguf, engine="vllm", config=small) == 4096  # vLLM's -1
+
+
+def test_a_budget_too_small_for_vllms_kv_cache_shrinks_it_and_the_context(embedded_gguf):
+    full = estimate_footprint(embedded_gguf, engine="vllm", config=EngineConfig())
+    budget = full.weights + full.runtime + 5000 * PER_TOKEN
+    fitted = fit_kv_cache(embedded_gguf, engine="vllm", config=EngineConfig(), budget=budget)
+    # 5000 tokens hold 39 blocks: one is the null block, 38 x 128 = 4864 tokens for requests.
+    assert (fitted.kv_cache_tokens, fitted.context_length) == (4864, 4864)
+    assert fitted.cpu_kv_cache_gib == 39 * BLOCK * PER_TOKEN / GIB
+    assert estimate_footprint(embedded_gguf, engine="vllm", config=fitted).total <= budget
+    assert planned_context(embedded_gguf, engine="vllm", config=fitted) == 4864
+    roomy = full.weights + full.runtime + 12000 * PER_TOKEN
+    fitted = fit_kv_cache(embedded_gguf, engine="vllm", config=EngineConfig(), budget=roomy)
+    assert (fitted.kv_cache_tokens, fitted.context_length) == (11776, 8192)  # the model's own
+    hopeless = fit_kv_cache(embedded_gguf, engine="vllm", config=EngineConfig(), budget=MIB)
+    assert hopeless.kv_cache_tokens == 0  # the full size: refused as too large, with figures
+    assert hopeless.cpu_kv_cache_gib == full.kv_cache / GIB
+
+
+def test_vllms_kv_cache_is_what_the_operator_asked_for_or_all_that_is_free(embedded_gguf):
+    sized = EngineConfig(cpu_kv_cache_gib=0.5)
+    assert fit_kv_cache(embedded_gguf, engine="vllm", config=sized, budget=MIB) == sized
+    assert estimate_footprint(embedded_gguf, engine="vllm", config=sized).kv_cache == GIB // 2
+    assert planned_context(embedded_gguf, engine="vllm", config=sized) == 8192  # 22 k tokens
+    free = EngineConfig(cpu_kv_cache_gib="free")
+    assert fit_kv_cache(embedded_gguf, engine="vllm", config=free, budget=MIB) == free
+    footprint = estimate_footprint(embedded_gguf, engine="vllm", config=free)
+    assert footprint.kv_cache == VLLM_CPU_FREE_KV_BYTES  # a guess until it is loaded
+    assert planned_context(embedded_gguf, engine="vllm", config=free) == 0  # vLLM's to say
+
+
+def test_vllm_sized_by_the_operators_own_vllm_arguments_is_left_to_them(embedded_gguf):
+    fraction = EngineConfig(vllm_args={"gpu_memory_utilization": 0.3})
+    fitted = fit_kv_cache(embedded_gguf, engine="vllm", config=fraction, budget=18 * GIB)
+    assert fitted.cpu_kv_cache_gib == "free"  # vLLM takes 0.3 of its NUMA node, as asked
+    size = EngineConfig(vllm_args={"kv_cache_memory_bytes": 3 * GIB})
+    fitted = fit_kv_cache(embedded_gguf, engine="vllm", config=size, budget=18 * GIB)
+    assert estimate_footprint(embedded_gguf, engine="vllm", config=fitted).kv_cache == 3 * GIB
+
+
+def test_vllm_on_a_gpu_is_left_to_size_itself(embedded_gguf):
+    auto = EngineConfig()
+    gpu = 80 * GIB
+    assert fit_kv_cache(embedded_gguf, engine="vllm", config=auto, budget=MIB, gpu_memory=gpu) == (
+        auto
+    )
+    assert planned_context(embedded_gguf, engine="vllm", config=auto, gpu_memory=gpu) == 0

@@ -24,9 +24,9 @@ from tests.api_helpers import (
     uvicorn_thread,
 )
 from tests.scripted_engine import ScriptedEngine
-from vllm_obtain.api.access import key_matches
 from vllm_obtain.api.app import create_app
 from vllm_obtain.api.health import overall_status
+from vllm_obtain.api.keys import Keyring
 from vllm_obtain.contract import ReplicaReport
 from vllm_obtain.core.registry import ModelRegistry
 from vllm_obtain.core.served_model import ServedModel, ServingLimits
@@ -43,11 +43,15 @@ def bearer(key: str) -> dict[str, str]:
 # --- API keys ------------------------------------------------------------------------------
 
 
-def test_key_matching_accepts_any_configured_key_only():
-    assert key_matches("b", ["a", "b"])
-    assert not key_matches("c", ["a", "b"])
-    assert not key_matches("", ["a"])
-    assert not key_matches("a", [])
+def test_key_matching_accepts_any_configured_key_only_and_names_it_without_the_key():
+    keyring = Keyring(["a", "b"], ["c"])
+    user, admin = keyring.lookup("b"), keyring.lookup("c")
+    assert user is not None and not user.admin and user.name.startswith("key-")
+    assert admin is not None and admin.admin and admin.name.startswith("admin-")
+    assert keyring.lookup("d") is None
+    assert keyring.lookup("") is None
+    assert Keyring().lookup("a") is None
+    assert Keyring().empty and not keyring.empty
 
 
 @pytest.mark.parametrize("headers", [{}, bearer("sk-wrong"), {"Authorization": "Basic sk-first"}])
@@ -83,12 +87,15 @@ def test_health_and_metrics_are_open_unless_configured_otherwise():
     with make_client(ScriptedEngine(), KEYS) as client:
         assert client.get("/health").status_code == 200
         assert client.get("/metrics").status_code == 200
-    guarded = Settings(api_keys=["k"], auth_health=True, auth_metrics=True)
+    guarded = Settings(api_keys=["k"], admin_keys=["ka"], auth_health=True, auth_metrics=True)
     with make_client(ScriptedEngine(), guarded) as client:
         assert_error(client.get("/health"), 401, None, "invalid_api_key")
         assert_error(client.get("/health/ready"), 401, None, "invalid_api_key")
+        assert client.get("/health", headers=bearer("k")).status_code == 200
         assert_error(client.get("/metrics"), 401, None, "invalid_api_key")
-        assert client.get("/metrics", headers=bearer("k")).status_code == 200
+        # A protected /metrics tells every key's usage: an admin's to read.
+        assert_error(client.get("/metrics", headers=bearer("k")), 403, None, "admin_key_required")
+        assert client.get("/metrics", headers=bearer("ka")).status_code == 200
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from tests.unit.test_inventory import make_hub_repo
 from vllm_obtain.weights import pull_checks, pull_hub, pull_url
 from vllm_obtain.weights.catalog import packaged_file
 from vllm_obtain.weights.inventory import installed_models
-from vllm_obtain.weights.pull import PullError, PullProgress, pull
+from vllm_obtain.weights.pull import PullError, PullPolicy, PullProgress, pull
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The test server is plain http on 127.0.0.1: what a pull refuses unless told (test_pull_guard).
+LOCAL = PullPolicy(allow_http=True, allow_hosts=frozenset({"127.0.0.1"}))
 
 
 @cache
@@ -124,7 +126,7 @@ def dirs(tmp_path: Path) -> Dirs:
 
 def test_a_url_pull_reports_progress_and_lands_whole_in_models_dir(tmp_path, file_server):
     seen: list[PullProgress] = []
-    model = pull(file_server.url, **dirs(tmp_path), on_progress=seen.append)
+    model = pull(file_server.url, **dirs(tmp_path), policy=LOCAL, on_progress=seen.append)
     target = tmp_path / "models" / GGUF_NAME
     assert model.id == "smollm2-135m-instruct.q4_1"
     assert (model.path, model.format, model.source) == (target, "gguf", "models")
@@ -140,7 +142,7 @@ def test_a_url_pull_reports_progress_and_lands_whole_in_models_dir(tmp_path, fil
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(tmp_path, file_server):
     file_server.cuts = 1
-    pull(file_server.url, **dirs(tmp_path), sha256=gguf_sha256())
+    pull(file_server.url, **dirs(tmp_path), policy=LOCAL, sha256=gguf_sha256())
     assert len(file_server.ranges) == 2
     first, second = file_server.ranges
     half = int(len(gguf_bytes()) * file_server.cut_at)
@@ -153,7 +155,7 @@ def test_a_part_left_by_an_interrupted_pull_is_continued(tmp_path, file_server):
     partial.parent.mkdir(parents=True)
     partial.write_bytes(gguf_bytes()[:10_000_000])
     seen: list[PullProgress] = []
-    pull(file_server.url, **dirs(tmp_path), on_progress=seen.append)
+    pull(file_server.url, **dirs(tmp_path), policy=LOCAL, on_progress=seen.append)
     assert file_server.ranges == ["bytes=10000000-"]
     first = next(p for p in seen if p.status == "downloading")
     assert first.completed == 10_000_000
@@ -166,7 +168,7 @@ def test_a_server_answering_200_to_a_range_restarts_from_zero(tmp_path, file_ser
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"not the start of the file")
     file_server.ignore_range = True
-    pull(file_server.url, **dirs(tmp_path))
+    pull(file_server.url, **dirs(tmp_path), policy=LOCAL)
     assert file_server.ranges == [f"bytes={len(b'not the start of the file')}-"]
     assert sha256_of(tmp_path / "models" / GGUF_NAME) == gguf_sha256()
 
@@ -174,23 +176,23 @@ def test_a_server_answering_200_to_a_range_restarts_from_zero(tmp_path, file_ser
 def test_a_wrong_sha256_is_refused_and_leaves_nothing_behind(tmp_path, file_server):
     wrong = "0" * 64
     with pytest.raises(PullError) as error:
-        pull(file_server.url, **dirs(tmp_path), sha256=wrong)
+        pull(file_server.url, **dirs(tmp_path), policy=LOCAL, sha256=wrong)
     assert wrong in str(error.value) and gguf_sha256() in str(error.value)
     assert list((tmp_path / "models").iterdir()) == []  # no file, no .partial/
 
 
 def test_a_sha256_url_fragment_is_checked_as_pip_does(tmp_path, file_server):
     with pytest.raises(PullError, match=r"0{64}"):
-        pull(f"{file_server.url}#sha256={'0' * 64}", **dirs(tmp_path))
+        pull(f"{file_server.url}#sha256={'0' * 64}", **dirs(tmp_path), policy=LOCAL)
     assert list((tmp_path / "models").iterdir()) == []
-    model = pull(f"{file_server.url}#sha256={gguf_sha256()}", **dirs(tmp_path))
+    model = pull(f"{file_server.url}#sha256={gguf_sha256()}", **dirs(tmp_path), policy=LOCAL)
     assert sha256_of(model.path) == gguf_sha256()
     assert file_server.ranges[-1] is None  # the fragment is not sent
 
 
 def test_a_file_already_pulled_is_not_fetched_again(tmp_path, file_server):
-    pull(file_server.url, **dirs(tmp_path))
-    again = pull(file_server.url, **dirs(tmp_path), sha256=gguf_sha256())
+    pull(file_server.url, **dirs(tmp_path), policy=LOCAL)
+    again = pull(file_server.url, **dirs(tmp_path), policy=LOCAL, sha256=gguf_sha256())
     assert len(file_server.ranges) == 1
     assert again.id == "smollm2-135m-instruct.q4_1"
 
@@ -201,7 +203,7 @@ def test_a_connection_that_keeps_dropping_fails_and_keeps_the_part_for_later(tmp
     partial.write_bytes(gguf_bytes()[:1000])
     file_server.cuts, file_server.cut_at = 100, 0.0
     with pytest.raises(PullError, match="run pull again to resume from byte 1000"):
-        pull(file_server.url, **dirs(tmp_path))
+        pull(file_server.url, **dirs(tmp_path), policy=LOCAL)
     assert file_server.ranges == ["bytes=1000-"] * (pull_url.URL_RETRIES + 1)
     assert partial.read_bytes() == gguf_bytes()[:1000]
     assert not (tmp_path / "models" / GGUF_NAME).exists()
@@ -210,9 +212,9 @@ def test_a_connection_that_keeps_dropping_fails_and_keeps_the_part_for_later(tmp
 def test_a_missing_url_is_a_clear_error(tmp_path, file_server):
     file_server.missing = True
     with pytest.raises(PullError, match="HTTP 404"):
-        pull(file_server.url, **dirs(tmp_path))
+        pull(file_server.url, **dirs(tmp_path), policy=LOCAL)
     with pytest.raises(PullError, match=r"\.gguf"):
-        pull(file_server.url.replace(".gguf", ".bin"), **dirs(tmp_path))
+        pull(file_server.url.replace(".gguf", ".bin"), **dirs(tmp_path), policy=LOCAL)
 
 
 def test_names_that_are_nothing_pull_knows_are_refused(tmp_path):

@@ -4,6 +4,7 @@ refused. The real engines and the official SDK are in tests/integration/test_res
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -395,3 +396,24 @@ def test_the_official_sdk_creates_streams_retrieves_and_deletes(tmp_path):
         sdk.responses.delete(answer.id)
         with pytest.raises(openai.NotFoundError):
             sdk.responses.retrieve(answer.id)
+
+
+class SlowStore(ResponseStore):
+    """A store whose writes take a while, as a busy disk's do."""
+
+    async def put(self, stored: Any) -> None:
+        await asyncio.sleep(0.3)
+        await super().put(stored)
+
+
+def test_a_streamed_response_is_stored_before_the_event_saying_so(tmp_path):
+    """A client may hang up as soon as it reads response.completed; what it was told is stored
+    must already be."""
+    store = SlowStore(tmp_path / "r.sqlite3", max_age_seconds=3600, max_rows=100)
+    with uvicorn_thread(app_for(ScriptedEngine("Hello there"), store)) as url:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        for _ in range(3):
+            stream = sdk.responses.create(model=MODEL, input="hi", stream=True)
+            completed = next(e for e in stream if e.type == "response.completed")
+            stream.close()  # at once, as an impatient client does
+            assert sdk.responses.retrieve(completed.response.id).output_text == "Hello there"

@@ -1,17 +1,22 @@
-"""vLLM on CPU: the gpu_memory_utilization sized from what is free (no vLLM started)."""
+"""vLLM on CPU: the KV cache size it is given, and the gpu_memory_utilization sized from what is
+free when it sizes its KV cache itself (no vLLM started)."""
 
 from __future__ import annotations
 
 import pytest
 
-from vllm_obtain.contract import EngineError
+from vllm_obtain.contract import EngineConfig, EngineError
 from vllm_obtain.engines.vllm.cpu_memory import (
     DEFAULT_UTILIZATION,
     GIB,
     OVERHEAD,
+    UNSIZED_KV_CACHE,
     NodeMemory,
+    cpu_kv_cache_arguments,
     cpu_memory_utilization,
 )
+from vllm_obtain.settings import Settings
+from vllm_obtain.wiring import engine_config
 
 WEIGHTS = GIB // 4  # the embedded 135M model, in bf16
 
@@ -46,7 +51,7 @@ def test_a_busy_node_gets_what_is_free_less_the_overhead() -> None:
 
 
 def test_an_explicit_kv_cache_that_fits_leaves_the_utilization_alone() -> None:
-    # vLLM ignores the utilization when VLLM_CPU_KVCACHE_SPACE is set.
+    # vLLM ignores the utilization when kv_cache_memory_bytes is set.
     size = cpu_memory_utilization(
         node(9.34, 4), weights=WEIGHTS, kv_cache=GIB, user_utilization=False
     )
@@ -94,3 +99,43 @@ def test_vllm_fits_its_context_to_the_kv_cache_unless_one_is_asked_for(tmp_path)
     assert engine_arguments(tmp_path, {}, 0)["max_model_len"] == -1
     assert engine_arguments(tmp_path, {}, 4096)["max_model_len"] == 4096
     assert engine_arguments(tmp_path, {"max_model_len": 2048}, 4096)["max_model_len"] == 2048
+
+
+def test_vllm_on_cpu_is_given_its_kv_cache_in_bytes_exactly() -> None:
+    # kv_cache_memory_bytes, not VLLM_CPU_KVCACHE_SPACE: that one takes whole GiB only.
+    sized = 757_923_840 / GIB  # SmolLM2-135M's 32768 tokens and the null block
+    args = cpu_kv_cache_arguments({"model": "m"}, sized)
+    assert args == {"model": "m", "kv_cache_memory_bytes": 757_923_840}
+    assert cpu_kv_cache_arguments({}, 2.0)["kv_cache_memory_bytes"] == 2 * GIB
+
+
+def test_free_leaves_vllm_to_size_its_kv_cache_from_what_is_free() -> None:
+    assert cpu_kv_cache_arguments({"model": "m"}, "free") == {"model": "m"}
+
+
+def test_an_engine_made_without_a_size_still_never_takes_all_that_is_free() -> None:
+    assert cpu_kv_cache_arguments({}, None) == {"kv_cache_memory_bytes": UNSIZED_KV_CACHE}
+
+
+def test_the_operators_own_vllm_argument_wins() -> None:
+    args = {"kv_cache_memory_bytes": 3 * GIB}
+    assert cpu_kv_cache_arguments(args, 1.0) == args
+
+
+@pytest.mark.parametrize(
+    ("given", "read"), [(None, None), ("2", 2.0), ("0.5", 0.5), ("free", "free")]
+)
+def test_kv_cache_gib_takes_a_size_or_free(given: str | None, read: float | str | None) -> None:
+    settings = Settings(kv_cache_gib=given)
+    assert settings.kv_cache_gib == read
+    assert engine_config(settings).cpu_kv_cache_gib == read
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "all", "FREE"])
+def test_kv_cache_gib_refuses_what_is_neither(given: str) -> None:
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        Settings(kv_cache_gib=given)
+
+
+def test_the_engine_config_default_is_sized_from_the_model() -> None:
+    assert EngineConfig().cpu_kv_cache_gib is None

@@ -1,4 +1,4 @@
-"""Who may call, and how much they may send: API keys and the request body limit.
+"""Who may call what, and how much they may send: keys and their scopes, the body limit.
 
 Both are plain ASGI middleware, so a stranger or an oversized body is turned away before
 routing, parsing or the model are involved.
@@ -6,27 +6,33 @@ routing, parsing or the model are involved.
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Sequence
+import ipaddress
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vllm_obtain.api.errors import AuthenticationError, PayloadTooLargeError, error_response
+from vllm_obtain.api.errors import (
+    AuthenticationError,
+    OpenAIError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    error_response,
+)
+from vllm_obtain.api.keys import ANONYMOUS, Caller, Keyring
 
-OPEN_PATHS_HEALTH = "/health"
-OPEN_PATH_METRICS = "/metrics"
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
+ADMIN_PREFIX = "/admin/"
 # The web page and its assets carry no secrets: it asks for a key, then calls the API with it.
-OPEN_PAGE = "/"
-OPEN_PAGE_ASSETS = "/ui/"
+PAGE_PATH = "/"
+PAGE_ASSETS = "/ui/"
+# Where the ASGI scope's state keeps the request's Caller (read by caller_of).
+CALLER = "caller"
 
 
-def key_matches(presented: str, keys: Sequence[str]) -> bool:
-    """Compare against every key in constant time, so timing reveals neither key nor which."""
-    given = presented.encode()
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
-    return matched
+def caller_of(scope: Scope) -> Caller:
+    """Who sent the request, as AccessMiddleware found out (anonymous without keys)."""
+    caller = scope.get("state", {}).get(CALLER)
+    return caller if isinstance(caller, Caller) else ANONYMOUS
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -37,38 +43,86 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
-class ApiKeyMiddleware:
-    """Every route needs `Authorization: Bearer <key>`; /health and /metrics only if asked,
-    the web page never."""
+def is_local_client(scope: Scope) -> bool:
+    """A loopback peer, or a Unix socket's (which has no address)."""
+    client = scope.get("client")
+    if not client:
+        return True
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class AccessMiddleware:
+    """Keys and what each may call.
+
+    With keys, every route needs `Authorization: Bearer <key>` (/health and /metrics only if
+    asked, the web page never); /admin/* and a protected /metrics need an admin key. Without
+    any key the inference API is open and /admin/* serves this machine's own clients only,
+    so a server on 0.0.0.0 cannot be emptied or made to download from across the network."""
 
     def __init__(
-        self, app: ASGIApp, *, keys: Sequence[str], auth_health: bool, auth_metrics: bool
+        self, app: ASGIApp, *, keyring: Keyring, auth_health: bool, auth_metrics: bool
     ) -> None:
         self.app = app
-        self.keys = list(keys)
-        guarded = {OPEN_PATHS_HEALTH: auth_health, OPEN_PATH_METRICS: auth_metrics}
-        self.open_prefixes = (OPEN_PAGE_ASSETS, *(p for p, shut in guarded.items() if not shut))
+        self.keyring = keyring
+        self.auth_health = auth_health
+        self.admin_paths = (ADMIN_PREFIX, METRICS_PATH) if auth_metrics else (ADMIN_PREFIX,)
+        guarded = {HEALTH_PATH: auth_health, METRICS_PATH: auth_metrics}
+        self.open_prefixes = (PAGE_ASSETS, *(p for p, shut in guarded.items() if not shut))
 
     def is_open(self, path: str) -> bool:
-        return path == OPEN_PAGE or path.startswith(self.open_prefixes)
+        return path == PAGE_PATH or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.is_open(scope["path"]):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        try:
+            caller = self._caller(scope, admin_only=path.startswith(self.admin_paths))
+        except OpenAIError as refused:
+            if not self.is_open(path):
+                await error_response(refused)(scope, receive, send)
+                return
+            caller = ANONYMOUS
+        scope.setdefault("state", {})[CALLER] = caller
+        await self.app(scope, receive, send)
+
+    def _caller(self, scope: Scope, *, admin_only: bool) -> Caller:
+        """The request's caller, or the refusal (401 for a missing or wrong key, 403 for a
+        key without the scope)."""
+        if self.keyring.empty:
+            if admin_only and not is_local_client(scope):
+                raise PermissionDeniedError(
+                    f"{scope['path']} is served to this machine only on a server without "
+                    "keys: start it with --admin-key KEY to manage it from elsewhere.",
+                    code="admin_local_only",
+                )
+            return ANONYMOUS
         token = bearer_token(scope)
-        if token is not None and key_matches(token, self.keys):
-            await self.app(scope, receive, send)
-            return
-        message = (
-            "Incorrect API key provided."
-            if token
-            else "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
-        )
-        error = AuthenticationError(
-            message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-        )
-        await error_response(error)(scope, receive, send)
+        caller = self.keyring.lookup(token) if token else None
+        if caller is None:
+            message = (
+                "Incorrect API key provided."
+                if token
+                else "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+            )
+            raise AuthenticationError(
+                message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            )
+        if admin_only and not caller.admin:
+            hint = (
+                "use an admin key"
+                if self.keyring.has_admin
+                else "this server has none: start it with --admin-key KEY"
+            )
+            raise PermissionDeniedError(
+                f"This key may not call {scope['path']}: it needs an admin key ({hint}).",
+                code="admin_key_required",
+            )
+        return caller
 
 
 class BodyLimitMiddleware:

@@ -70,6 +70,16 @@ class AuthenticationError(OpenAIError):
     error_type = "invalid_request_error"
 
 
+class PermissionDeniedError(OpenAIError):
+    status_code = 403
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaTypeError(OpenAIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
 class PayloadTooLargeError(OpenAIError):
     status_code = 413
     error_type = "invalid_request_error"

@@ -45,6 +45,7 @@ class RequestRecord:
     completion_tokens: int = 0
     first_token_at: float | None = None
     prompt: str | None = None  # logged only when the operator enables it
+    key: str = ""  # the name of the key it came with (never the key itself)
 
     @property
     def latency(self) -> float:
@@ -148,8 +149,8 @@ class ServerMetrics:
         registry = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "HTTP requests answered",
-            ["route", "status", "model"],
+            "HTTP requests answered, by the name of the key that sent them",
+            ["route", "status", "model", "key"],
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -180,20 +181,26 @@ class ServerMetrics:
             registry=registry,
         )
         self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "prompt tokens processed", ["model"], registry=registry
+            f"{PREFIX}_prompt_tokens",
+            "prompt tokens processed, by key name",
+            ["model", "key"],
+            registry=registry,
         )
         self.generation_tokens = Counter(
-            f"{PREFIX}_generation_tokens", "tokens generated", ["model"], registry=registry
+            f"{PREFIX}_generation_tokens",
+            "tokens generated, by key name",
+            ["model", "key"],
+            registry=registry,
         )
         registry.register(EngineCollector(models))
 
     def finish(self, route: str, record: RequestRecord) -> None:
         model = record.model or ""
-        self.requests.labels(route, str(record.status), model).inc()
+        self.requests.labels(route, str(record.status), model, record.key).inc()
         self.duration.labels(route, model).observe(record.latency)
         if record.model is not None:
-            self.prompt_tokens.labels(model).inc(record.prompt_tokens)
-            self.generation_tokens.labels(model).inc(record.completion_tokens)
+            self.prompt_tokens.labels(model, record.key).inc(record.prompt_tokens)
+            self.generation_tokens.labels(model, record.key).inc(record.completion_tokens)
 
     async def observe(self, deltas: Deltas, record: RequestRecord) -> Deltas:
         """Pass the deltas through, timing the first one and the gaps between tokens."""

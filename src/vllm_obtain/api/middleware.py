@@ -14,6 +14,7 @@ from loguru import logger
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vllm_obtain.api.access import caller_of
 from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -79,6 +80,7 @@ class RequestContextMiddleware:
                 record.status = record.status or 500
                 raise
             finally:
+                record.key = caller_of(scope).name
                 for callback in on_end:
                     callback()
                 in_flight.dec()
@@ -94,6 +96,8 @@ class RequestContextMiddleware:
             "status": record.status,
             "latency_ms": round(record.latency * 1000, 1),
         }
+        if record.key:
+            fields["key"] = record.key
         if record.model is not None:
             fields |= {
                 "model": record.model,
@@ -110,29 +114,14 @@ class RequestContextMiddleware:
             if record.model is not None
             else ""
         )
+        by = f" by {record.key}" if record.key else ""
         logger.bind(**fields).log(
             level,
-            "{} {} {}{} {:.0f}ms",
+            "{} {} {}{} {:.0f}ms{}",
             record.method,
             record.path,
             record.status,
             tokens,
             fields["latency_ms"],
+            by,
         )
-
-
-class JsonBodyMiddleware:
-    """Every body this API takes is JSON, so it is read as JSON whatever its Content-Type says:
-    `curl -d '{...}'` sends application/x-www-form-urlencoded, and FastAPI would refuse it as
-    "not a valid dictionary". A body that is not JSON is then refused as such."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            declared = dict(scope["headers"]).get(b"content-type", b"")
-            if b"json" not in declared and not declared.startswith(b"multipart/"):
-                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)

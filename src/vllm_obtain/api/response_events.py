@@ -39,6 +39,9 @@ from vllm_obtain.core.generation import ChoiceDelta, Deltas
 from vllm_obtain.core.tool_stream import CallEvent
 from vllm_obtain.core.tools import ToolUse
 
+# The events that end a response's stream: it is stored before one is sent.
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
 
 class ResponseBuilder:
     def __init__(self, response: Response, tools: ToolUse, *, input_tokens: int) -> None:
@@ -242,20 +245,31 @@ async def response_events(
 ) -> AsyncGenerator[ResponseEvent, None]:
     """The stream of events for a response, to its end: response.completed or .incomplete, or
     response.failed when the model fails midway (never a connection cut without a word).
-    `on_end` gets the finished response (not when the client went away first)."""
+    `on_end` gets the finished response before that last event is sent: a client may hang up
+    as soon as it reads it, and a response it was told is stored must be (not when the client
+    went away before the end)."""
+    ended = False
+
+    async def ending(event: ResponseEvent) -> ResponseEvent:
+        nonlocal ended
+        if event.type in TERMINAL_EVENTS and on_end is not None and not ended:
+            ended = True
+            await on_end(builder.response)
+        return event
+
     for event in builder.started():
         yield event
     try:
         async for delta in deltas:
             for event in builder.feed(delta):
-                yield event
+                yield await ending(event)
     except Exception as exc:  # the engine failed or timed out after the answer had begun
         logger.opt(exception=exc).error("response {} failed: {}", builder.response.id, exc)
         for event in builder.failed(as_openai_error(exc).message):
-            yield event
+            yield await ending(event)
     finally:
         await deltas.aclose()
-    if on_end is not None:
+    if on_end is not None and not ended:  # a stream that ended without a last word
         await on_end(builder.response)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from vllm_obtain.api.access import caller_of
 from vllm_obtain.api.errors import InvalidRequestError, NotFoundError
 from vllm_obtain.api.request_scope import (
     answer_stream,
@@ -49,7 +50,8 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
         raise InvalidRequestError(body.unsupported_message(param), param=param, code="unsupported")
     model = await served_model(request, body.model)
     store = store_of(request)
-    earlier = await previous_conversation(store, body.previous_response_id)
+    owner = owner_of(request)
+    earlier = await previous_conversation(store, body.previous_response_id, owner)
     items = body.input_items()
     conversation = [*earlier, *conversation_of(items)]
     # Instructions hold for this turn only: a next turn has its own (as OpenAI's do).
@@ -78,6 +80,7 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
                     response.model_dump(mode="json"),
                     input_item_resources(items),
                     [*conversation, builder.assistant_message()],
+                    owner,
                 )
             )
 
@@ -89,8 +92,13 @@ async def create_response(body: CreateResponseRequest, request: Request) -> Resp
     return JSONResponse(response.model_dump(mode="json"))
 
 
+def owner_of(request: Request) -> str:
+    """Whose stored responses a request may see: its key's name ('' without keys)."""
+    return caller_of(request.scope).name
+
+
 async def previous_conversation(
-    store: ResponseStore | None, response_id: str | None
+    store: ResponseStore | None, response_id: str | None, owner: str
 ) -> list[dict[str, Any]]:
     """The conversation a stored response ended, for the turn that continues it."""
     if response_id is None:
@@ -101,7 +109,7 @@ async def previous_conversation(
             "previous_response_id cannot be used: send the whole conversation as input.",
             param="previous_response_id",
         )
-    stored = await store.get(response_id)
+    stored = await store.get(response_id, owner)
     if stored is None:
         raise InvalidRequestError(
             f"Previous response with id '{response_id}' not found.",
@@ -121,7 +129,7 @@ def not_stored(response_id: str) -> NotFoundError:
 
 async def stored(request: Request, response_id: str) -> StoredResponse:
     store = store_of(request)
-    found = await store.get(response_id) if store is not None else None
+    found = await store.get(response_id, owner_of(request)) if store is not None else None
     if found is None:
         raise not_stored(response_id)
     return found
@@ -143,7 +151,7 @@ async def retrieve_response(
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse)
 async def delete_response(response_id: str, request: Request) -> DeletedResponse:
     store = store_of(request)
-    if store is None or not await store.delete(response_id):
+    if store is None or not await store.delete(response_id, owner_of(request)):
         raise not_stored(response_id)
     return DeletedResponse(id=response_id)
 

@@ -102,12 +102,14 @@ class EngineConfig:
     context_length: int = 0  # tokens one request may hold; 0: the model's own
     threads: int | None = None  # CPU threads; None: all cores
     batch_size: int = 512  # llama.cpp: tokens per decoding step
-    parallel: int = 16  # llama.cpp: sequences decoded together
-    kv_cache_tokens: int = 0  # llama.cpp: KV cells in all; 0: automatic (contract.kv_layout)
+    parallel: int = 16  # sequences decoded together (llama.cpp), KV cache sized for (vLLM/CPU)
+    kv_cache_tokens: int = 0  # llama.cpp, vLLM on CPU: KV cells in all; 0: contract.kv_layout
     kv_unified: bool = True  # llama.cpp: one pool for all slots; False: a share per slot
     gpu_layers: int = -1  # llama.cpp: layers offloaded to a GPU when there is one; -1: all
     vllm_args: dict[str, Any] = field(default_factory=dict)  # vLLM engine arguments as given
-    cpu_kv_cache_gib: int | None = None  # vLLM on CPU: KV cache size
+    # vLLM on CPU: KV cache size in GiB; None: what the model needs (weights.footprint sizes it
+    # before the load); "free": vLLM's own sizing, from what is free on its NUMA node.
+    cpu_kv_cache_gib: float | Literal["free"] | None = None
     max_batch: int = 32  # MLX: sequences decoded together
     # vLLM sharded over Ray (tensor/pipeline parallel): the cluster, and the placement group
     # (hex id) its workers go in, reserved by whoever started this engine.

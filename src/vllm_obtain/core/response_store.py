@@ -4,6 +4,9 @@ SQLite database, so they outlive a restart and a later request can continue from
 
 SQLite in WAL mode lets a reader and a writer work at once; each call opens its own connection
 on a worker thread, so the event loop never waits on the disk.
+
+Each row has an owner (the name of the key that created it; '' on a server without keys), and
+only its owner can read, continue or delete it, as OpenAI scopes them to a project.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
-    document TEXT NOT NULL
+    document TEXT NOT NULL,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS responses_by_age ON responses (created_at);
 """
+# Stores made before responses had owners: their rows belong to the keyless owner ''.
+ADD_OWNER = "ALTER TABLE responses ADD COLUMN owner TEXT NOT NULL DEFAULT ''"
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class StoredResponse:
     response: dict[str, Any]
     input_items: list[dict[str, Any]]
     conversation: list[dict[str, Any]]
+    owner: str = ""
 
 
 class ResponseStore:
@@ -48,6 +55,9 @@ class ResponseStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(responses)")}
+            if "owner" not in columns:
+                db.execute(ADD_OWNER)
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -62,12 +72,13 @@ class ResponseStore:
     async def put(self, stored: StoredResponse) -> None:
         await asyncio.to_thread(self._put, stored)
 
-    async def get(self, response_id: str) -> StoredResponse | None:
-        return await asyncio.to_thread(self._get, response_id)
+    async def get(self, response_id: str, owner: str) -> StoredResponse | None:
+        """The response, if it is `owner`'s (another's is as unknown as a missing one)."""
+        return await asyncio.to_thread(self._get, response_id, owner)
 
-    async def delete(self, response_id: str) -> bool:
-        """Whether there was such a response to delete."""
-        return await asyncio.to_thread(self._delete, response_id)
+    async def delete(self, response_id: str, owner: str) -> bool:
+        """Whether `owner` had such a response to delete."""
+        return await asyncio.to_thread(self._delete, response_id, owner)
 
     def _put(self, stored: StoredResponse) -> None:
         document = json.dumps(
@@ -80,8 +91,9 @@ class ResponseStore:
         )
         with self._connect() as db:
             db.execute(
-                "INSERT OR REPLACE INTO responses (id, created_at, document) VALUES (?, ?, ?)",
-                (stored.id, stored.created_at, document),
+                "INSERT OR REPLACE INTO responses (id, created_at, document, owner) "
+                "VALUES (?, ?, ?, ?)",
+                (stored.id, stored.created_at, document, stored.owner),
             )
             db.execute("DELETE FROM responses WHERE created_at < ?", (self._oldest_kept(),))
             db.execute(
@@ -90,11 +102,12 @@ class ResponseStore:
                 (self._max_rows,),
             )
 
-    def _get(self, response_id: str) -> StoredResponse | None:
+    def _get(self, response_id: str, owner: str) -> StoredResponse | None:
         with self._connect() as db:
             row = db.execute(
-                "SELECT created_at, document FROM responses WHERE id = ? AND created_at >= ?",
-                (response_id, self._oldest_kept()),
+                "SELECT created_at, document FROM responses "
+                "WHERE id = ? AND owner = ? AND created_at >= ?",
+                (response_id, owner, self._oldest_kept()),
             ).fetchone()
         if row is None:
             return None
@@ -105,11 +118,15 @@ class ResponseStore:
             document["response"],
             document["input_items"],
             document["conversation"],
+            owner,
         )
 
-    def _delete(self, response_id: str) -> bool:
+    def _delete(self, response_id: str, owner: str) -> bool:
         with self._connect() as db:
-            return db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount > 0
+            deleted = db.execute(
+                "DELETE FROM responses WHERE id = ? AND owner = ?", (response_id, owner)
+            )
+            return deleted.rowcount > 0
 
     def _oldest_kept(self) -> float:
         return time.time() - self._max_age

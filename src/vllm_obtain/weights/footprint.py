@@ -20,14 +20,22 @@ from vllm_obtain.contract.kv_layout import MIN_KV_TOKENS, auto_kv_tokens
 
 MIB, GIB = 1 << 20, 1 << 30
 # What an engine's process holds besides weights and KV cache: the interpreter, the engine's
-# libraries, compute buffers (measured on CPU here: llama.cpp ~70 MiB with a 135M model,
-# vLLM's engine core and worker ~1.7 GiB, MLX ~0.5 GiB), rounded up.
-RUNTIME_BYTES = {"llama.cpp": 128 * MIB, "vllm": 2 * GIB, "mlx": 768 * MIB}
+# libraries, compute buffers (measured on CPU here: llama.cpp ~70 MiB with a 135M model; vLLM
+# 2.5 GiB, resident in its three processes after a load of long prompts: our engine process
+# with vLLM's front end and tokenizer 0.8, its engine core 0.65, its worker 1.1 besides weights
+# and KV cache; MLX ~0.5 GiB), rounded up.
+RUNTIME_BYTES = {"llama.cpp": 128 * MIB, "vllm": 2816 * MIB, "mlx": 768 * MIB}
 # The context counted for a GGUF whose header does not say (llama.cpp then reads its default).
 LLAMA_CPP_UNKNOWN_CONTEXT = 4096
 MLX_DEFAULT_CONTEXT = 4096  # engines/mlx/engine.py, for a config without max_position_embeddings
-# vLLM on CPU without --kv-cache-gib sizes its KV cache from what is free: counted as this.
-VLLM_CPU_AUTO_KV_BYTES = 4 * GIB
+# vLLM on CPU with --kv-cache-gib free sizes its KV cache from what is free: counted as this
+# until it is loaded (then as what its processes hold).
+VLLM_CPU_FREE_KV_BYTES = 4 * GIB
+# vLLM on CPU for a model whose config.json does not give its shape: vLLM's former default.
+VLLM_CPU_UNKNOWN_KV_BYTES = 4 * GIB
+# vLLM's CPU backend pages its KV cache in blocks of this many tokens (platforms/cpu.py), and
+# one block (the null block) is never given to a request.
+VLLM_CPU_BLOCK_TOKENS = 128
 VLLM_GPU_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
 KV_BYTES_PER_VALUE = 2  # f16 keys and values
 HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".npz")
@@ -193,12 +201,11 @@ def estimate_footprint(
         if gpu_memory is not None:  # vLLM takes its share of the GPU whatever the model
             share = float(config.vllm_args.get("gpu_memory_utilization", VLLM_GPU_UTILIZATION))
             return Footprint(weights=int(gpu_memory * share), kv_cache=0, runtime=0)
-        kv = config.cpu_kv_cache_gib * GIB if config.cpu_kv_cache_gib else VLLM_CPU_AUTO_KV_BYTES
-        return Footprint(weights, kv, runtime)
+        return Footprint(weights, vllm_cpu_kv_bytes(shape, config), runtime)
     if shape is None:
         return Footprint(weights, 0, runtime)
     if engine == "llama.cpp":
-        tokens = llama_cpp_kv_tokens(shape, config)
+        tokens = kv_cache_tokens(shape, config, engine)
     else:  # MLX allocates as sequences grow: counted as one sequence at its whole context
         tokens = model_context(shape, config, engine)
     return Footprint(weights, tokens * shape.kv_bytes_per_token, runtime)
@@ -210,32 +217,71 @@ def model_context(shape: ModelShape, config: EngineConfig, engine: str) -> int:
     return config.context_length or shape.trained_context or unknown
 
 
-def llama_cpp_kv_tokens(shape: ModelShape, config: EngineConfig) -> int:
-    """The KV cells llama.cpp will allocate for this model with `config`."""
-    context = model_context(shape, config, "llama.cpp")
+def kv_cache_tokens(shape: ModelShape, config: EngineConfig, engine: str) -> int:
+    """The KV cells llama.cpp allocates, and vLLM on a CPU is sized for, with `config`: the
+    operator's, else room for the parallel sequences and one whole context (kv_layout)."""
+    context = model_context(shape, config, engine)
     return config.kv_cache_tokens or auto_kv_tokens(context, config.parallel)
 
 
-def planned_context(path: Path, *, engine: str, config: EngineConfig) -> int:
+def vllm_cpu_kv_bytes(shape: ModelShape | None, config: EngineConfig) -> int:
+    """The KV cache vLLM on a CPU is given: --kv-cache-gib, else what `kv_cache_tokens` need
+    in whole blocks plus the null block (so that a request may hold all of them)."""
+    asked = config.cpu_kv_cache_gib
+    if isinstance(asked, str):  # "free": vLLM's own sizing, unknown before it runs
+        return VLLM_CPU_FREE_KV_BYTES
+    if asked is not None:
+        return int(asked * GIB)
+    if shape is None:
+        return VLLM_CPU_UNKNOWN_KV_BYTES
+    blocks = -(-kv_cache_tokens(shape, config, "vllm") // VLLM_CPU_BLOCK_TOKENS) + 1
+    return blocks * VLLM_CPU_BLOCK_TOKENS * shape.kv_bytes_per_token
+
+
+def vllm_cpu_kv_tokens(shape: ModelShape, kv_bytes: int) -> int:
+    """The tokens requests may hold in a vLLM KV cache of `kv_bytes` on a CPU."""
+    blocks = kv_bytes // (VLLM_CPU_BLOCK_TOKENS * shape.kv_bytes_per_token) - 1  # the null one
+    return max(blocks, 0) * VLLM_CPU_BLOCK_TOKENS
+
+
+def planned_context(
+    path: Path, *, engine: str, config: EngineConfig, gpu_memory: int | None = None
+) -> int:
     """The tokens a request will be able to hold once the model is loaded with `config`, as far
-    as its metadata tells before loading (0: unknown; vLLM decides its own)."""
-    if engine == "vllm":
+    as its metadata tells before loading (0: unknown; vLLM on a GPU, or on a CPU with
+    --kv-cache-gib free, decides its own). `gpu_memory` as for estimate_footprint."""
+    if engine == "vllm" and (gpu_memory is not None or isinstance(config.cpu_kv_cache_gib, str)):
         return 0
     shape = gguf_shape(path) if path.is_file() else hf_shape(path)
     if shape is None:
         return config.context_length
     context = model_context(shape, config, engine)
+    if engine == "vllm":  # max_model_len -1: the model's own context, or what the cache holds
+        return min(context, vllm_cpu_kv_tokens(shape, vllm_cpu_kv_bytes(shape, config)))
     if engine != "llama.cpp":
         return context
-    pool = llama_cpp_kv_tokens(shape, config)
+    pool = kv_cache_tokens(shape, config, engine)
     return min(context, pool if config.kv_unified else pool // config.parallel)
 
 
-def fit_kv_cache(path: Path, *, engine: str, config: EngineConfig, budget: int) -> EngineConfig:
-    """`config` with llama.cpp's automatic KV pool shrunk so that the model fits `budget`
-    alone, and the context with it (a request may use at most the pool); as it is where it
-    fits, where the operator sized the pool, for other engines, and where nothing above
-    MIN_KV_TOKENS would fit (the load is then refused as too large, saying so)."""
+def fit_kv_cache(
+    path: Path,
+    *,
+    engine: str,
+    config: EngineConfig,
+    budget: int,
+    gpu_memory: int | None = None,
+) -> EngineConfig:
+    """`config` with the automatic KV cache (llama.cpp's pool, vLLM's on a CPU) shrunk so that
+    the model fits `budget` alone, and the context with it (a request may use at most the
+    cache); as it is where it fits, where the operator sized the cache, for other engines, and
+    where nothing above MIN_KV_TOKENS would fit (the load is then refused as too large, saying
+    so). vLLM on a CPU is also told its size (cpu_kv_cache_gib), which it would otherwise take
+    from all that is free. `gpu_memory` as for estimate_footprint."""
+    if engine == "vllm":
+        if gpu_memory is not None or config.cpu_kv_cache_gib is not None:
+            return config
+        return _fit_vllm_cpu_kv_cache(path, config, budget)
     if engine != "llama.cpp" or config.kv_cache_tokens or not path.is_file():
         return config
     shape = gguf_shape(path)
@@ -250,3 +296,26 @@ def fit_kv_cache(path: Path, *, engine: str, config: EngineConfig, budget: int) 
         return config
     context = model_context(shape, config, engine)
     return replace(config, kv_cache_tokens=tokens, context_length=min(context, tokens))
+
+
+def _fit_vllm_cpu_kv_cache(path: Path, config: EngineConfig, budget: int) -> EngineConfig:
+    """fit_kv_cache for vLLM on a CPU without --kv-cache-gib: its KV cache in GiB (exact: a
+    whole number of bytes over a power of two), for the tokens the budget holds; left to vLLM
+    where the operator sized it with vLLM's own arguments (--vllm-arg)."""
+    asked = config.vllm_args.get("kv_cache_memory_bytes")
+    if isinstance(asked, int):
+        return replace(config, cpu_kv_cache_gib=asked / GIB)
+    if asked is not None or "gpu_memory_utilization" in config.vllm_args:
+        return replace(config, cpu_kv_cache_gib="free")  # vLLM's sizing, by their numbers
+    shape = gguf_shape(path) if path.is_file() else hf_shape(path)
+    sized = replace(config, cpu_kv_cache_gib=vllm_cpu_kv_bytes(shape, config) / GIB)
+    footprint = estimate_footprint(path, engine="vllm", config=sized)
+    if shape is None or config.kv_cache_tokens or footprint.total <= budget:
+        return sized
+    room = budget - footprint.weights - footprint.runtime
+    tokens = vllm_cpu_kv_tokens(shape, room)
+    if tokens < MIN_KV_TOKENS:
+        return sized
+    context = min(model_context(shape, config, "vllm"), tokens)
+    fitted = replace(config, kv_cache_tokens=tokens, context_length=context)
+    return replace(fitted, cpu_kv_cache_gib=vllm_cpu_kv_bytes(shape, fitted) / GIB)

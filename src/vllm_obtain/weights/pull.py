@@ -22,10 +22,11 @@ from vllm_obtain.weights.pull_checks import (
     sha256_digest,
     verify,
 )
+from vllm_obtain.weights.pull_guard import STRICT, PullPolicy
 from vllm_obtain.weights.pull_hub import fetch_files, pull_repo, repo_listing
 from vllm_obtain.weights.pull_url import pull_url
 
-__all__ = ["PullError", "PullProgress", "pull"]
+__all__ = ["PullError", "PullPolicy", "PullProgress", "pull"]
 _REPO = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -36,14 +37,17 @@ def pull(
     cache_dir: Path,
     sha256: str | None = None,
     on_progress: Progress = lambda p: None,
+    policy: PullPolicy = STRICT,
 ) -> InstalledModel:
     """Fetch `name` (an alias, org/name[:QUANT], or an http(s) URL of a .gguf file) unless it is
-    here already; blocking. `on_progress` may be called from a helper thread."""
+    here already; blocking. `on_progress` may be called from a helper thread. `policy` guards
+    URLs (https, public addresses, a size cap: the client of /admin/pull picks the URL); the
+    Hub is reached through huggingface_hub as it is."""
     name = name.strip()
     expected = sha256_digest(sha256, "--sha256") if sha256 else None
     on_progress(PullProgress("resolving", name, 0, None))
     if name.startswith(("https://", "http://")):
-        path = pull_url(name, models_dir, expected, on_progress)
+        path = pull_url(name, models_dir, expected, on_progress, policy)
         return _installed(path.name, models_dir, cache_dir)
     spec = load_catalog()["models"].get(name)
     if spec is not None:

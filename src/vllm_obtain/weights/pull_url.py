@@ -1,5 +1,6 @@
-"""Pulling a .gguf file by URL: resumed with Range requests after a dropped connection,
-checked, and renamed into models/ only when whole."""
+"""Pulling a .gguf file by URL: only what the pull policy lets it reach and write
+(pull_guard.py), resumed with Range requests after a dropped connection, checked, and renamed
+into models/ only when whole."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit, urlunsplit
-from urllib.request import Request, urlopen
+from urllib.request import Request
 
 from vllm_obtain import __version__
 from vllm_obtain.weights.pull_checks import (
@@ -26,6 +27,13 @@ from vllm_obtain.weights.pull_checks import (
     sha256_digest,
     verify,
 )
+from vllm_obtain.weights.pull_guard import (
+    PullPolicy,
+    PullTooLarge,
+    SizeCap,
+    check_url,
+    open_checked,
+)
 
 URL_TIMEOUT_S = 30.0
 URL_RETRIES = 5  # dropped connections in a row (with no new bytes) before giving up
@@ -34,10 +42,17 @@ _URL_LOCKS: dict[Path, threading.Lock] = {}
 _URL_LOCKS_GUARD = threading.Lock()
 
 
-def pull_url(url: str, models_dir: Path, expected: str | None, on_progress: Progress) -> Path:
+def pull_url(
+    url: str,
+    models_dir: Path,
+    expected: str | None,
+    on_progress: Progress,
+    policy: PullPolicy,
+) -> Path:
     """Download a .gguf URL to models/<file>, through models/.partial/<file>.part (continued
     with a Range request when a pull was interrupted) and renamed in only when whole and
-    verified."""
+    verified; refused when `policy` forbids the URL, an address it reaches, or its size."""
+    check_url(url, policy)
     parts = urlsplit(url)
     address = urlunsplit(parts._replace(fragment=""))
     if parts.fragment:  # `#sha256=HEX`, as pip reads it
@@ -60,7 +75,9 @@ def pull_url(url: str, models_dir: Path, expected: str | None, on_progress: Prog
             return target
         partial = models_dir / ".partial" / f"{filename}.part"
         partial.parent.mkdir(parents=True, exist_ok=True)
-        _download(address, partial, filename, on_progress)
+        held = partial.stat().st_size if partial.exists() else 0
+        cap = SizeCap.for_pull(policy, models_dir, held)
+        _download(address, partial, filename, on_progress, policy, cap)
         if expected:
             verify(
                 partial,
@@ -85,15 +102,26 @@ def _url_lock(target: Path) -> Iterator[None]:
         yield
 
 
-def _download(address: str, partial: Path, label: str, on_progress: Progress) -> None:
+def _download(
+    address: str,
+    partial: Path,
+    label: str,
+    on_progress: Progress,
+    policy: PullPolicy,
+    cap: SizeCap,
+) -> None:
     """Fill `partial` with the body of `address`, resuming after a dropped connection."""
     failures = 0
     while True:
         before = partial.stat().st_size if partial.exists() else 0
         try:
-            if _download_once(address, partial, label, on_progress):
+            if _download_once(address, partial, label, on_progress, policy, cap):
                 return
             problem = "the connection closed before the end of the file"
+        except PullTooLarge:
+            partial.unlink(missing_ok=True)  # closed by now, as Windows needs to delete it
+            remove_if_empty(partial.parent)
+            raise
         except HTTPError as exc:
             if exc.code == 416 and before and _whole(exc, before):
                 return  # the .part already holds the whole file
@@ -115,13 +143,21 @@ def _download(address: str, partial: Path, label: str, on_progress: Progress) ->
         time.sleep(RETRY_DELAY_S * 2 ** (failures - 1))
 
 
-def _download_once(address: str, partial: Path, label: str, on_progress: Progress) -> bool:
-    """One request, appended to what `partial` holds; whether the body came whole."""
+def _download_once(
+    address: str,
+    partial: Path,
+    label: str,
+    on_progress: Progress,
+    policy: PullPolicy,
+    cap: SizeCap,
+) -> bool:
+    """One request, appended to what `partial` holds; whether the body came whole. Over the
+    size cap (announced, or as bytes arrive: a chunked body announces nothing) it fails."""
     offset = partial.stat().st_size if partial.exists() else 0
     headers = {"User-Agent": f"vllm-obtain/{__version__}"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
-    with urlopen(Request(address, headers=headers), timeout=URL_TIMEOUT_S) as response:
+    with open_checked(Request(address, headers=headers), policy, URL_TIMEOUT_S) as response:
         if offset and response.status == 206:
             start = _range_start(response.headers.get("Content-Range"))
             if start != offset:
@@ -131,10 +167,13 @@ def _download_once(address: str, partial: Path, label: str, on_progress: Progres
         length_text = response.headers.get("Content-Length")
         length = int(length_text) if length_text and length_text.isdigit() else None
         total = offset + length if length is not None else None
+        if total is not None:
+            cap.check(total, label, announced=True)
         received = 0
         with partial.open("ab" if offset else "wb") as out:
             on_progress(PullProgress("downloading", label, offset, total))
             while chunk := response.read(CHUNK_BYTES):
+                cap.check(offset + received + len(chunk), label, announced=False)
                 out.write(chunk)
                 received += len(chunk)
                 on_progress(PullProgress("downloading", label, offset + received, total))

@@ -29,7 +29,12 @@ from vllm_obtain.contract import (
     TokenChunk,
     TokenLogprob,
 )
-from vllm_obtain.engines.vllm.cpu_memory import GIB, NodeMemory, cpu_memory_utilization
+from vllm_obtain.engines.vllm.cpu_memory import (
+    GIB,
+    NodeMemory,
+    cpu_kv_cache_arguments,
+    cpu_memory_utilization,
+)
 
 
 class VllmEngine:
@@ -46,7 +51,7 @@ class VllmEngine:
         *,
         context_length: int = 0,
         engine_args: dict[str, Any] | None = None,
-        cpu_kv_cache_gib: int | None = None,
+        cpu_kv_cache_gib: float | str | None = None,
         ray_address: str | None = None,
         ray_placement_group: str | None = None,
     ) -> None:
@@ -68,13 +73,9 @@ class VllmEngine:
             raise EngineNotInstalledError(
                 "the vLLM engine is not installed: ./install.sh --engines vllm"
             ) from exc
-        if self._cpu_kv_cache_gib is not None:
-            # vLLM's CPU backend sizes its KV cache only from this variable.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self._cpu_kv_cache_gib)
         args = engine_arguments(self.model_dir, self._engine_args, self._context_length)
-        utilization = self._cpu_memory_utilization()
-        if utilization is not None:
-            args["gpu_memory_utilization"] = utilization
+        if _on_cpu():
+            args = self._cpu_memory_arguments(args)
         engine_args = AsyncEngineArgs(**args)
         if self._ray_placement_group is None:
             self._engine = AsyncLLM.from_engine_args(engine_args)
@@ -112,17 +113,25 @@ class VllmEngine:
             ray.init(address=self._ray_address, log_to_driver=False)
         return PlacementGroup(PlacementGroupID(bytes.fromhex(self._ray_placement_group)))
 
-    def _cpu_memory_utilization(self) -> float | None:
-        """On a CPU, a gpu_memory_utilization that fits what is free (see cpu_memory.py)."""
-        from vllm.platforms import current_platform
+    def _cpu_memory_arguments(self, args: dict[str, Any]) -> dict[str, Any]:
+        """On a CPU: `args` with the KV cache size and, where vLLM sizes it from what is free,
+        a gpu_memory_utilization that fits what is free (see cpu_memory.py)."""
+        if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+            # vLLM would take it over kv_cache_memory_bytes: --kv-cache-gib is the one knob.
+            logger.warning("vLLM on CPU: VLLM_CPU_KVCACHE_SPACE ignored (--kv-cache-gib)")
+        args = cpu_kv_cache_arguments(args, self._cpu_kv_cache_gib)
+        kv_cache = args.get("kv_cache_memory_bytes")
+        if isinstance(kv_cache, int):
+            logger.info("vLLM on CPU: a KV cache of {:.2f} GiB", kv_cache / GIB)
+        utilization = self._cpu_memory_utilization(kv_cache)
+        if utilization is not None:
+            args["gpu_memory_utilization"] = utilization
+        return args
 
-        if not current_platform.is_cpu():
-            return None
+    def _cpu_memory_utilization(self, kv_cache: Any) -> float | None:
         memory = _node_memory()
         if memory is None:
             return None
-        space = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")  # vLLM prefers it to the argument
-        kv_cache = int(space) * GIB if space else self._engine_args.get("kv_cache_memory_bytes")
         if kv_cache is not None and not isinstance(kv_cache, int):
             return None  # a size such as "4G": vLLM reads it and checks it itself
         weights = sum(
@@ -221,6 +230,12 @@ def engine_arguments(
     args.setdefault("max_model_len", context_length or -1)
     args.setdefault("disable_log_stats", True)
     return args
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
 
 
 def _node_memory() -> NodeMemory | None:
