@@ -205,6 +205,7 @@ def test_a_dns_answer_that_changes_after_the_check_is_caught_at_the_connect(
         ("100.64.0.1", "non-public"),
         ("::ffff:127.0.0.1", "loopback"),  # IPv4 inside IPv6
         ("64:ff9b::a9fe:a9fe", "link-local"),  # NAT64 to 169.254.169.254
+        ("2002:a9fe:a9fe::", "link-local"),  # 6to4 of 169.254.169.254
         ("93.184.215.14", None),
         ("2606:4700:4700::1111", None),
         ("::ffff:8.8.8.8", None),

@@ -67,6 +67,24 @@ def test_the_servers_own_page_and_allowed_origins_may_post_json():
         assert http.get("/v1/models", headers={"Origin": EVIL}).status_code == 200
 
 
+def test_a_page_on_another_port_of_the_same_host_is_another_site():
+    with client_with(base_url="http://localhost") as http:  # Host: localhost, port 80
+        assert chat(http, headers={"Origin": "http://localhost"}).status_code == 200
+        refused = chat(http, headers={"Origin": "http://localhost:3000"})
+        assert_error(refused, 403, None, "origin_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Host": "["}, {"Host": "a b"}, {"Host": "[name]"}, {"X-Forwarded-Host": "[::1"},
+     {"Origin": "["}, {"Origin": "http://[::1"}, {"Origin": "http://a b"}],
+)  # fmt: skip
+def test_a_host_or_origin_that_is_no_name_is_refused_not_a_server_error(headers):
+    with client_with() as http:
+        response = chat(http, headers=headers)
+        assert response.status_code == 403, response.text
+
+
 def test_a_page_behind_a_proxy_is_same_origin_by_the_forwarded_host():
     with client_with(Settings(allowed_hosts=["llm.example"])) as http:
         headers = {"Origin": "https://llm.example", "X-Forwarded-Host": "llm.example"}
@@ -114,6 +132,26 @@ def test_a_foreign_host_name_is_refused_naming_the_flag_that_allows_it():
         assert http.get("/v1/models", headers={"Host": "evil.example"}).status_code == 200
 
 
+def test_behind_a_proxy_that_sends_its_own_host_the_forwarded_name_is_checked():
+    with client_with() as http:
+        rebound = {"Host": "127.0.0.1:8001", "X-Forwarded-Host": "evil.example"}
+        assert_error(http.get("/v1/models", headers=rebound), 403, None, "host_not_allowed")
+    with client_with(Settings(allowed_hosts=["llm.example.com"])) as http:
+        proxied = {"Host": "127.0.0.1:8001", "X-Forwarded-Host": "llm.example.com"}
+        assert http.get("/v1/models", headers=proxied).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header", ["X-Forwarded-For", "X-Real-IP", "Forwarded", "X-Forwarded-Host"]
+)
+def test_a_proxy_on_this_machine_does_not_make_its_clients_local(header):
+    """nginx on the same box reaches us from 127.0.0.1 for everyone: admin stays refused."""
+    value = "for=203.0.113.9" if header == "Forwarded" else "203.0.113.9"
+    with client_with() as http:
+        refused = http.get("/admin/models", headers={header: value})
+        assert_error(refused, 403, None, "admin_local_only")
+
+
 # --- keys ---------------------------------------------------------------------------------
 
 
@@ -126,6 +164,17 @@ def test_a_keys_file_names_its_keys_and_marks_admins():
     for bad in ("sk-no-name", "a: sk-a root", "a:", ": sk-a"):
         with pytest.raises(KeysFileError, match="keys:1"):
             parse_keys_file(bad, "keys")
+    # A '#' inside a key is the key's, not a comment that would cut it (and its admin mark).
+    (inside,) = parse_keys_file("bob: abc#zzz admin", "keys")
+    assert (inside.key, inside.admin) == ("abc#zzz", True)
+
+
+def test_one_key_under_two_names_or_scopes_is_refused(tmp_path):
+    with pytest.raises(KeysFileError, match="same key"):
+        Keyring(["sk-same"], ["sk-same"])
+    (tmp_path / "keys").write_text("a: sk-1\nb: sk-1 admin\n")
+    with pytest.raises(KeysFileError, match="same key"):
+        Keyring(keys_file=tmp_path / "keys")
 
 
 def test_the_keys_file_is_reread_and_a_broken_one_keeps_the_keys_in_force(tmp_path):
@@ -197,13 +246,29 @@ def test_tokens_are_charged_when_a_request_ends_and_hold_the_next_back_until_rep
 
 
 def test_reset_times_are_written_as_openai_writes_them():
-    assert [duration_text(s) for s in (0.02, 1.0, 1.5, 61, 360)] == [
-        "20ms",
-        "1s",
-        "1.5s",
-        "1m1s",
-        "6m0s",
-    ]
+    times = (0.02, 1.0, 1.5, 59.9999, 61, 119.7, 360)
+    assert [duration_text(s) for s in times] == [
+        "20ms", "1s", "1.5s", "1m0s", "1m1s", "2m0s", "6m0s",
+    ]  # fmt: skip
+
+
+def test_the_buckets_are_bounded_the_least_recently_used_forgotten(monkeypatch):
+    monkeypatch.setattr("vllm_obtain.api.rate_limits.MAX_BUCKETS", 3)
+    limiter = RateLimiter(requests=Rate(1, 60), tokens=None, clock=Clock())
+    for who in ("a", "b", "c"):
+        assert limiter.admit(who) is None
+    assert limiter.admit("a") is not None  # used again: kept, and refused
+    assert limiter.admit("d") is None  # "b", the least recently used, is forgotten
+    assert len(limiter.buckets) == 3 and ("requests", "b") not in limiter.buckets
+
+
+def test_an_ipv6_client_is_one_allowance_per_64_not_per_address():
+    settings = Settings(rate_limit_requests="1/min")
+    with client_with(settings, client=("2001:db8:1:2::1", 1)) as one:
+        assert one.get("/v1/models").status_code == 200
+    app_state = one.app
+    with ReadyTestClient(app_state, client=("2001:db8:1:2::ffff", 1)) as same_64:
+        assert same_64.get("/v1/models").status_code == 429
 
 
 def test_past_the_limit_a_429_in_openais_shape_with_retry_after():

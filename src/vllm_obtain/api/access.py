@@ -43,15 +43,26 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
+# Headers a reverse proxy adds: a loopback peer that sends one speaks for someone else.
+FORWARDING_HEADERS = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-real-ip"}
+)
+
+
 def is_local_client(scope: Scope) -> bool:
-    """A loopback peer, or a Unix socket's (which has no address)."""
+    """A loopback peer (or a Unix socket's, which has no address) that is not a proxy
+    passing on another client's request."""
+    if any(name in FORWARDING_HEADERS for name, _ in scope["headers"]):
+        return False
     client = scope.get("client")
     if not client:
         return True
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        address = ipaddress.ip_address(client[0])
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return bool((mapped or address).is_loopback)
 
 
 class AccessMiddleware:

@@ -27,20 +27,39 @@ from vllm_obtain.api.errors import (
 
 ANY = "*"
 # Names that never come from public DNS, so no other site can rebind them: single-label names
-# (localhost, a container's service name, this machine's name) and these suffixes.
-PRIVATE_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".lan")
+# (localhost, a container's service name, this machine's name) and these suffixes (Kubernetes'
+# svc.namespace.svc.cluster.local, Consul's service.consul among them).
+PRIVATE_SUFFIXES = (
+    ".localhost", ".local", ".internal", ".home.arpa", ".lan", ".svc", ".consul",
+)  # fmt: skip
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
+class BadHostError(ValueError):
+    """A Host or Origin that is no host name at all ('[', 'a b')."""
+
+
 def split_host(host: str) -> tuple[str, int | None]:
-    """'Example.com:8001' -> ('example.com', 8001); IPv6 in brackets; a bad port is None."""
-    parts = urlsplit(f"//{host}")
+    """'Example.com:8001' -> ('example.com', 8001); IPv6 in brackets; a bad port is None.
+    Raises BadHostError for what no browser would send."""
+    try:
+        parts = urlsplit(f"//{host}")
+        hostname = parts.hostname or ""
+    except ValueError:
+        raise BadHostError(host) from None
+    if any(c.isspace() or c in "/?#@" for c in hostname):
+        raise BadHostError(host)
     try:
         port = parts.port
     except ValueError:
         port = None
-    return (parts.hostname or "").rstrip("."), port
+    return hostname.rstrip("."), port
+
+
+def first_forwarded(headers: dict[bytes, bytes], name: bytes) -> str:
+    """A header a chain of proxies may have made a list: the first entry, the client's."""
+    return headers.get(name, b"").decode("latin-1").split(",")[0].strip()
 
 
 def machine_names() -> frozenset[str]:
@@ -70,8 +89,7 @@ class HostCheckMiddleware:
         )
         self.suffixes = (*PRIVATE_SUFFIXES, *(name[1:] for name in allowed if name[:2] == "*."))
 
-    def allows(self, host: str) -> bool:
-        name, _ = split_host(host)
+    def allows(self, name: str) -> bool:
         return (
             self.off
             or not name  # HTTP/1.0 without a Host: not a browser
@@ -81,11 +99,25 @@ class HostCheckMiddleware:
             or name.endswith(self.suffixes)
         )
 
+    def refused_name(self, scope: Scope) -> str | None:
+        """The name the browser called that is not ours, or None. A proxy's X-Forwarded-Host
+        is checked too: behind one that sends `Host: 127.0.0.1`, the name a rebinding page
+        used is there."""
+        headers = dict(scope["headers"])
+        for header in (b"host", b"x-forwarded-host"):
+            called = first_forwarded(headers, header)
+            try:
+                name, _ = split_host(called)
+            except BadHostError:
+                return called
+            if not self.allows(name):
+                return name
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-            if not self.allows(host):
-                name, _ = split_host(host)
+        if scope["type"] in ("http", "websocket") and not self.off:
+            name = self.refused_name(scope)
+            if name is not None:
                 error = PermissionDeniedError(
                     f"This server is not called {name!r}. If it is yours (behind a proxy, "
                     f"or a DNS name of your own), start the server with --allowed-host {name}.",
@@ -97,11 +129,12 @@ class HostCheckMiddleware:
 
 
 def origin_key(origin: str) -> tuple[str, int | None] | None:
-    """An Origin header as (host, port), its scheme's default port filled in."""
-    parts = urlsplit(origin)
-    if not parts.scheme or not parts.hostname:
-        return None  # 'null' (a sandboxed frame, a file://) is nobody's origin
+    """An Origin header as (host, port), its scheme's default port filled in; None for
+    'null' (a sandboxed frame, a file://) or anything unreadable: nobody's origin."""
     try:
+        parts = urlsplit(origin)
+        if not parts.scheme or not parts.hostname:
+            return None
         port = parts.port or DEFAULT_PORTS.get(parts.scheme)
     except ValueError:
         return None
@@ -122,20 +155,29 @@ class CrossSiteMiddleware:
         self.any_origin = ANY in origins
         self.allowed = frozenset(key for o in origins if (key := origin_key(o)) is not None)
 
-    def is_own(self, origin: str, scope: Scope) -> bool:
+    def is_own(self, origin: str, scope: Scope, headers: dict[bytes, bytes]) -> bool:
         """Whether `origin` is this server as the browser called it (or an allowed one)."""
         key = origin_key(origin)
         if key is None:
             return False
         if self.any_origin or key in self.allowed:
             return True
-        headers = dict(scope["headers"])
-        # Behind a proxy the browser called the proxy's name, which the proxy passes on here.
-        for header in (b"x-forwarded-host", b"host"):
-            # A chain of proxies lists every name; the first is the one the browser called.
-            called = headers.get(header, b"").decode("latin-1").split(",")[0].strip()
-            host, port = split_host(called)
-            if host == key[0] and (port is None or port == key[1]):
+        # Behind a proxy the browser called the proxy's name, which the proxy passes on here
+        # (with its scheme, if it says it: else the page's own is taken). A Host without a
+        # port is on its scheme's default one.
+        scheme = scope.get("scheme", "http")
+        origin_scheme = urlsplit(origin).scheme
+        forwarded_scheme = first_forwarded(headers, b"x-forwarded-proto") or origin_scheme
+        called_as = (
+            (b"x-forwarded-host", forwarded_scheme),
+            (b"host", scheme),
+        )
+        for header, called_scheme in called_as:
+            try:
+                host, port = split_host(first_forwarded(headers, header))
+            except BadHostError:
+                continue
+            if host and (host, port or DEFAULT_PORTS.get(called_scheme)) == key:
                 return True
         return False
 
@@ -145,7 +187,7 @@ class CrossSiteMiddleware:
             return
         headers = dict(scope["headers"])
         origin = headers.get(b"origin", b"").decode("latin-1")
-        if origin and not self.is_own(origin, scope):
+        if origin and not self.is_own(origin, scope, headers):
             error = PermissionDeniedError(
                 f"Requests from the web page at {origin} are refused: a page may call this "
                 f"server only if the server is started with --cors-origin {origin}.",
@@ -155,16 +197,17 @@ class CrossSiteMiddleware:
             return
         declared = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         is_json = declared == b"application/json" or declared.endswith(b"+json")
-        if not is_json and not declared.startswith(b"multipart/"):
-            if origin and has_body(headers):
-                error415 = UnsupportedMediaTypeError(
+        if not is_json and not declared.startswith(b"multipart/") and has_body(headers):
+            if origin:
+                not_json = UnsupportedMediaTypeError(
                     "Send the body as JSON, with 'Content-Type: application/json'.",
                     code="unsupported_media_type",
                 )
-                await error_response(error415)(scope, receive, send)
+                await error_response(not_json)(scope, receive, send)
                 return
             # `curl -d '{...}'` says application/x-www-form-urlencoded; FastAPI would refuse
-            # it as "not a valid dictionary". It is read as the JSON it is.
+            # it as "not a valid dictionary". It is read as the JSON it is. (In place: the
+            # router notes the matched route on this very scope, for the metrics.)
             kept = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+            scope["headers"] = [*kept, (b"content-type", b"application/json")]
         await self.app(scope, receive, send)

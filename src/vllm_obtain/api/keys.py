@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from loguru import logger
 
 ADMIN_MARK = "admin"
+COMMENT = re.compile(r"(^|\s)#.*$")
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,11 @@ def fingerprint_name(key: str, *, admin: bool) -> str:
 
 
 def parse_keys_file(text: str, source: str) -> list[NamedKey]:
-    """`NAME: KEY` per line, `NAME: KEY admin` for an admin key; `#` starts a comment."""
+    """`NAME: KEY` per line, `NAME: KEY admin` for an admin key; a `#` at the start of a line
+    or after a space starts a comment (one inside a key is part of it)."""
     keys: list[NamedKey] = []
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+        line = COMMENT.sub("", raw).strip()
         if not line:
             continue
         name, colon, rest = line.partition(":")
@@ -75,11 +78,17 @@ def read_keys_file(path: Path) -> list[NamedKey]:
 
 
 def _checked(keys: list[NamedKey]) -> list[NamedKey]:
+    """The keys, if no two share a name or a key (one key under two names or scopes would be
+    whichever came last)."""
     names: set[str] = set()
+    secrets: dict[str, str] = {}
     for key in keys:
         if key.name in names:
             raise KeysFileError(f"two keys are named {key.name!r}: names must be unique")
+        if key.key in secrets:
+            raise KeysFileError(f"{key.name!r} and {secrets[key.key]!r} have the same key")
         names.add(key.name)
+        secrets[key.key] = key.name
     return keys
 
 

@@ -20,6 +20,8 @@ from vllm_obtain.api.metrics import RequestRecord, ServerMetrics
 REQUEST_ID_HEADER = "x-request-id"
 # request.state's list of callables run once the response has ended (request_scope).
 ON_RESPONSE_END = "on_response_end"
+# request.state's RequestRecord: what the request did, for its log line and the metrics.
+RECORD = "record"
 # Probes and scrapes arrive every few seconds; their lines are DEBUG so they do not drown the rest.
 QUIET_PATHS = ("/health", "/metrics")
 # So do the dashboard's reads (an open page polls), and the page's own files.
@@ -59,7 +61,7 @@ class RequestContextMiddleware:
         incoming = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
         record = RequestRecord(incoming[:128] or uuid.uuid4().hex, scope["method"], scope["path"])
         state = scope.setdefault("state", {})
-        state["request_id"], state["record"] = record.request_id, record
+        state["request_id"], state[RECORD] = record.request_id, record
         on_end: list[Callable[[], None]] = []
         state[ON_RESPONSE_END] = on_end
 

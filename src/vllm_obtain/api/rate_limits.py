@@ -9,8 +9,10 @@ is above again. Every /v1 answer carries OpenAI's `x-ratelimit-*` headers, and a
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,9 +21,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vllm_obtain.api.access import caller_of
 from vllm_obtain.api.errors import RateLimitError, error_response
+from vllm_obtain.api.metrics import RequestRecord
+from vllm_obtain.api.middleware import RECORD
 
 LIMITED_PREFIX = "/v1/"
-# Buckets kept before the full (idle) ones are forgotten: many addresses, bounded memory.
+# Buckets kept at most, the least recently used forgotten first (a forgotten one starts full
+# again): many addresses, bounded memory.
 MAX_BUCKETS = 10_000
 PERIOD_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour"}
 RATE_LIMIT_HEADERS = tuple(
@@ -56,18 +61,15 @@ class Bucket:
         """How long until the bucket holds `level` (0 if it does)."""
         return max(0.0, (level - self.level) / self.rate.per_second)
 
-    @property
-    def full(self) -> bool:
-        return self.level >= self.rate.amount
-
 
 def duration_text(seconds: float) -> str:
     """OpenAI's way of writing a reset time: 20ms, 1.5s, 6m0s."""
     if seconds < 1:
         return f"{math.ceil(seconds * 1000)}ms"
-    minutes, rest = divmod(seconds, 60)
-    rest_text = f"{rest:.3g}s" if rest < 10 else f"{rest:.0f}s"
-    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+    if seconds < 10:
+        return f"{seconds:.3g}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
 
 
 class RateLimiter:
@@ -82,7 +84,7 @@ class RateLimiter:
     ) -> None:
         self.limits = {"requests": requests, "tokens": tokens}
         self.clock = clock
-        self.buckets: dict[tuple[str, str], Bucket] = {}
+        self.buckets: OrderedDict[tuple[str, str], Bucket] = OrderedDict()
 
     def bucket(self, kind: str, who: str) -> Bucket | None:
         rate = self.limits[kind]
@@ -90,18 +92,12 @@ class RateLimiter:
             return None
         found = self.buckets.get((kind, who))
         if found is None:
-            if len(self.buckets) >= MAX_BUCKETS:
-                self._forget_full()
+            while len(self.buckets) >= MAX_BUCKETS:
+                self.buckets.popitem(last=False)
             found = self.buckets[(kind, who)] = Bucket(rate, float(rate.amount), self.clock())
+        self.buckets.move_to_end((kind, who))
         found.refill(self.clock())
         return found
-
-    def _forget_full(self) -> None:
-        now = self.clock()
-        for key, bucket in list(self.buckets.items()):
-            bucket.refill(now)
-            if bucket.full:
-                del self.buckets[key]
 
     def admit(self, who: str) -> tuple[str, float] | None:
         """Take one request from `who`'s allowance; or, refused, which limit and the seconds
@@ -119,6 +115,12 @@ class RateLimiter:
         if (tokens := self.bucket("tokens", who)) is not None:
             tokens.level -= count
 
+    def period(self, kind: str) -> str:
+        """The period a limit is counted over, in words: 'minute'."""
+        rate = self.limits[kind]
+        seconds = rate.per_seconds if rate is not None else 60.0
+        return PERIOD_NAMES.get(seconds) or duration_text(seconds)
+
     def headers(self, who: str) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for `who`, as things stand."""
         found: dict[str, str] = {}
@@ -134,12 +136,21 @@ class RateLimiter:
 
 
 def client_identity(scope: Scope) -> str:
-    """Whose allowance a request takes: its key's name, else its client address."""
+    """Whose allowance a request takes: its key's name, else its client address (an IPv6
+    client's /64, which one host may fill with addresses)."""
     name = caller_of(scope).name
     if name:
         return name
     client = scope.get("client")
-    return f"address {client[0]}" if client else "address local"
+    if not client:
+        return "address local"
+    try:
+        address = ipaddress.ip_address(client[0])
+    except ValueError:
+        return f"address {client[0]}"
+    if address.version == 6 and not getattr(address, "ipv4_mapped", None):
+        return f"address {ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return f"address {address}"
 
 
 class RateLimitMiddleware:
@@ -167,8 +178,8 @@ class RateLimitMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            record = scope.get("state", {}).get("record")
-            if record is not None:
+            record = scope.get("state", {}).get(RECORD)
+            if isinstance(record, RequestRecord):
                 used = record.prompt_tokens + record.completion_tokens
                 self.limiter.charge_tokens(who, used)
 
@@ -178,12 +189,10 @@ class RateLimitMiddleware:
         headers = self.limiter.headers(who)
         headers["retry-after"] = str(math.ceil(wait))
         headers["retry-after-ms"] = str(math.ceil(wait * 1000))
-        rate = self.limiter.limits[kind]
-        assert rate is not None  # a limit that is off refuses nothing
-        per = PERIOD_NAMES.get(rate.per_seconds) or duration_text(rate.per_seconds)
+        limit = headers[f"x-ratelimit-limit-{kind}"]
         error = RateLimitError(
-            f"Rate limit reached for {who} on {kind}: {rate.amount} per {per}. Please try "
-            f"again in {duration_text(wait)}.",
+            f"Rate limit reached for {who} on {kind}: {limit} per {self.limiter.period(kind)}. "
+            f"Please try again in {duration_text(wait)}.",
             code="rate_limit_exceeded",
             headers=headers,
         )

@@ -254,7 +254,12 @@ async def response_events(
         nonlocal ended
         if event.type in TERMINAL_EVENTS and on_end is not None and not ended:
             ended = True
-            await on_end(builder.response)
+            try:
+                await on_end(builder.response)
+            except Exception as exc:  # the answer is whole: a store that failed is not the model's
+                logger.opt(exception=exc).error(
+                    "response {} not stored: {}", builder.response.id, exc
+                )
         return event
 
     for event in builder.started():

@@ -70,6 +70,8 @@ def refused_kind(address: str) -> str | None:
         # ::ffff:127.0.0.1 and 64:ff9b::a9fe:a9fe reach the IPv4 address inside them.
         if ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:  # 2002::/16 carries an IPv4 address too
+            ip = ip.sixtofour
         elif ip in _NAT64:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     for kind in _REFUSED_KINDS:
