@@ -179,12 +179,10 @@ def test_the_same_prefix_keeps_going_to_one_replica_and_spills_over_when_it_is_f
         body = with_system(f"Question {i}?", max_tokens=4)
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
     grown = wait_for_counts(url, before, 5)
-    # All on one replica; it may count one more, an earlier test's request reported late
-    # (issue 31: exact counts per request are still to come).
-    assert len(grown) == 1 and next(iter(grown.values())) in (5, 6), (
-        f"one prefix, several replicas: {grown}"
-    )
-    (holder,) = grown
+    # All five on one replica. One more may show, on either replica: an earlier test's
+    # request reported late (issue 31: exact counts per request are still to come).
+    holder = max(grown, key=grown.__getitem__)
+    assert grown[holder] >= 5 and sum(grown.values()) <= 6, f"one prefix, several replicas: {grown}"
 
     before = settled_counts(url)
 
